@@ -1,0 +1,246 @@
+"""The `amrseg` command: a thin shell that parses flags, calls one stage function and prints.
+
+Bad input ends in one line on stderr naming the file or flag, and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import AmrsegError
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise AmrsegError(f"{flag} {text!r}: expected comma-separated numbers") from None
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_dataset_info(a) -> int:
+    from .data.voc import dataset_info, open_dataset
+
+    print(json.dumps(dataset_info(open_dataset(a.data, a.split)), indent=2))
+    return 0
+
+
+def cmd_build_fashion_scenes(a) -> int:
+    from .data.fashion import build_scenes
+    from .engine.common import progress
+
+    with progress(total=a.train + a.val, desc="build-fashion-scenes", unit="img") as bar:
+        summary = build_scenes(a.out, fmnist=a.fmnist, n_train=a.train, n_val=a.val, size=a.size, seed=a.seed,
+                               progress=bar.update)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_pretrain_backbone(a) -> int:
+    from .engine.pretrain import PretrainConfig, pretrain_backbone
+
+    cfg = PretrainConfig(backbone=a.backbone, base_width=a.base_width, epochs=a.epochs, size=a.size,
+                         items=a.items, batch_size=a.batch_size, seed=a.seed, device=a.device)
+    print(json.dumps(pretrain_backbone(a.out, cfg, fmnist=a.fmnist)))
+    return 0
+
+
+def cmd_train_cam(a) -> int:
+    from .config import resolve
+    from .engine.train_cam import train_cam
+
+    flags: dict = {"data_root": str(Path(a.data).resolve()), "split": a.split}
+    model = {"backbone": a.backbone, "base_width": a.base_width, "pretrained": a.pretrained,
+             "init_spotlight": str(Path(a.init_spotlight).resolve()) if a.init_spotlight else None}
+    train = {"epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr, "device": a.device, "seed": a.seed}
+    for section, values in (("model", model), ("train", train), ("data", {"crop": a.crop})):
+        given = {k: v for k, v in values.items() if v is not None}
+        if given:
+            flags[section] = given
+    if model["pretrained"] not in (None, "none", "imagenet") and "://" not in a.pretrained:
+        flags["model"]["pretrained"] = str(Path(a.pretrained).resolve())
+    cfg = resolve(a.preset, flags, a.set)
+    summary = train_cam(cfg, Path(a.out), resume=a.resume)
+    if not summary["finished"]:
+        print(f"stopped at step {summary['step']}/{summary['total_steps']}; run the same command with --resume "
+              f"to finish", file=sys.stderr)
+        print(json.dumps(summary))
+        return 130
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_make_cam(a) -> int:
+    from .cam.infer import InferConfig, make_cams
+
+    icfg = InferConfig(method=a.method, scales=_floats(a.scales, "--scales"), xi=a.xi, batch_size=a.batch_size,
+                       device=a.device, save_branches=a.save_branches, score_threshold=a.score_threshold,
+                       adv_steps=a.adv_steps)
+    print(json.dumps(make_cams(Path(a.run), a.data, a.split, Path(a.out), icfg)))
+    return 0
+
+
+def cmd_eval_cam(a) -> int:
+    from .data.voc import open_dataset
+    from .engine.common import atomic_write
+    from .eval.eval_cam import evaluate_cams, parse_range
+
+    if a.sweep and a.threshold is not None:
+        raise AmrsegError("--sweep and --threshold: give one of them")
+    thresholds = parse_range(a.sweep, "--sweep") if a.sweep else [a.threshold if a.threshold is not None else 0.2]
+    xis = parse_range(a.xi_sweep, "--xi-sweep") if a.xi_sweep else None
+    data = open_dataset(a.data, a.split, require_labels=False)
+    result = evaluate_cams(Path(a.cams), data, thresholds, xi_values=xis, device=a.device, progress=None)
+    text = json.dumps(result, indent=2)
+    if a.out:
+        atomic_write(Path(a.out), lambda tmp: open(tmp, "w").write(text + "\n"))
+    print(text)
+    return 0
+
+
+def cmd_visualize(a) -> int:
+    from .data.voc import open_dataset
+    from .viz import visualize
+
+    metrics = None
+    if a.metrics:
+        try:
+            metrics = json.loads(Path(a.metrics).read_text())
+        except (OSError, ValueError) as e:
+            raise AmrsegError(f"--metrics {a.metrics}: cannot read JSON ({e})") from None
+    threshold = a.threshold if a.threshold is not None else (metrics or {}).get("threshold", 0.2)
+    data = open_dataset(a.data, a.split, require_labels=False)
+    index, warnings = visualize(Path(a.cams), data, Path(a.out), threshold, limit=a.limit, metrics=metrics,
+                                progress=None)
+    for w in warnings:
+        print(f"amrseg: warning: {w}", file=sys.stderr)
+    print(json.dumps({"index": str(index), "threshold": threshold}))
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .config import PRESETS
+
+    p = argparse.ArgumentParser(prog="amrseg", description="Weakly supervised semantic segmentation with AMR.")
+    p.add_argument("--version", action="version", version=f"amrseg {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("dataset-info", help="summarise a VOC-style dataset split as JSON")
+    s.add_argument("--data", required=True, help="dataset root (VOC layout)")
+    s.add_argument("--split", required=True)
+    s.set_defaults(func=cmd_dataset_info)
+
+    s = sub.add_parser("build-fashion-scenes", help="write the built-in VOC-style demo scenes")
+    s.add_argument("out")
+    s.add_argument("--fmnist", help="folder with the Fashion-MNIST IDX files")
+    s.add_argument("--train", type=int, default=8000, help="train images (default 8000)")
+    s.add_argument("--val", type=int, default=1000, help="val images (default 1000)")
+    s.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_build_fashion_scenes)
+
+    s = sub.add_parser("pretrain-backbone", help="pretrain a small backbone on Fashion-MNIST items (CPU stand-in "
+                                                 "for ImageNet)")
+    s.add_argument("--out", required=True, help="weights file to write (torchvision names)")
+    s.add_argument("--fmnist")
+    s.add_argument("--backbone", default="resnet18", choices=["resnet18", "resnet34", "resnet50", "resnet101"])
+    s.add_argument("--base-width", type=int, default=32)
+    s.add_argument("--epochs", type=int, default=2)
+    s.add_argument("--size", type=int, default=96)
+    s.add_argument("--items", type=int, default=12000, help="training items per epoch (default 12000)")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.set_defaults(func=cmd_pretrain_backbone)
+
+    s = sub.add_parser("train-cam", help="train the AMR network (or the plain CAM) on image-level labels")
+    s.add_argument("--data", required=True)
+    s.add_argument("--split", required=True)
+    s.add_argument("--preset", required=True, choices=PRESETS)
+    s.add_argument("--out", required=True, help="run directory")
+    s.add_argument("--backbone", choices=["resnet18", "resnet34", "resnet50", "resnet101"])
+    s.add_argument("--base-width", type=int)
+    s.add_argument("--pretrained", help="PATH | URL | imagenet | none (default imagenet)")
+    s.add_argument("--epochs", type=int)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--crop", type=int)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--seed", type=int)
+    s.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    s.add_argument("--init-spotlight", help="RUN dir or model.pt of a trained `cam` run (amr-official)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field by dotted name, e.g. --set amm.threshold=0.1")
+    s.set_defaults(func=cmd_train_cam)
+
+    s = sub.add_parser("make-cam", help="compute CAMs of a trained run for a split")
+    s.add_argument("--run", required=True)
+    s.add_argument("--data", required=True, help="dataset root, or a plain folder of images")
+    s.add_argument("--split", default="train")
+    s.add_argument("--out", required=True)
+    s.add_argument("--method", default="cam", choices=["cam", "gradcam", "advcam"])
+    s.add_argument("--scales", default="1.0,0.5,1.5,2.0")
+    s.add_argument("--xi", type=float, default=0.5, help="weight of the spotlight CAM (default 0.5)")
+    s.add_argument("--batch-size", type=int, default=8, help="images per forward pass where sizes allow")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--save-branches", action="store_true", help="also store each branch's maps (for --xi-sweep)")
+    s.add_argument("--score-threshold", type=float, default=0.5,
+                   help="unlabelled images: classes with sigmoid score above this (default 0.5)")
+    s.add_argument("--adv-steps", type=int, default=27, help="advcam: climbing steps (default 27)")
+    s.set_defaults(func=cmd_make_cam)
+
+    s = sub.add_parser("eval-cam", help="score CAMs against the masks (mIoU)")
+    s.add_argument("--cams", required=True)
+    s.add_argument("--data", required=True)
+    s.add_argument("--split", required=True)
+    s.add_argument("--threshold", type=float)
+    s.add_argument("--sweep", help="LO:HI:STEP background thresholds, all scored in one pass")
+    s.add_argument("--xi-sweep", help="LO:HI:STEP spotlight weights (needs make-cam --save-branches)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--out", help="write the JSON here too")
+    s.set_defaults(func=cmd_eval_cam)
+
+    s = sub.add_parser("visualize", help="PNG panels and an HTML gallery of CAMs")
+    s.add_argument("--cams", required=True)
+    s.add_argument("--data", required=True)
+    s.add_argument("--split", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--limit", type=int)
+    s.add_argument("--threshold", type=float, help="background threshold (default: the metrics' best, else 0.2)")
+    s.add_argument("--metrics", help="eval-cam JSON: adds the mIoU and a per-class IoU chart")
+    s.set_defaults(func=cmd_visualize)
+    return p
+
+
+def _one_line(exc: BaseException) -> str:
+    """An AmrsegError re-raised from a DataLoader worker carries the worker's traceback: keep the message."""
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    last = lines[-1] if lines else type(exc).__name__
+    for prefix in ("amrseg.errors.AmrsegError: ", "AmrsegError: "):
+        if last.startswith(prefix):
+            last = last[len(prefix):]
+    return last
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except AmrsegError as e:
+        print(f"amrseg: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("amrseg: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,114 @@
+"""AMM, the attention modulation module (AMR.md section 2): channel gate, then spatial gate.
+
+Both gates replace the usual sigmoid of CBAM by a Gaussian of the response around its own mean:
+responses near the mean get the largest weight, the most discriminative (highest) and the
+background-like (lowest) ones are suppressed, which pushes the compensation branch towards the
+secondary object regions.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..config import AMMConfig
+
+_MODES = ("unit", "pdf")
+_STATS = ("sample", "batch")
+
+
+def _check(mode: str, stats: str) -> None:
+    if mode not in _MODES:
+        raise ValueError(f"gaussian mode {mode!r}: not one of {', '.join(_MODES)}")
+    if stats not in _STATS:
+        raise ValueError(f"gaussian stats {stats!r}: not one of {', '.join(_STATS)}")
+
+
+def gaussian_modulation(z: torch.Tensor, dims: Sequence[int], mode: str = "unit", stats: str = "sample",
+                        threshold: Optional[float] = None, eps: float = 1e-6) -> torch.Tensor:
+    """Gaussian of `z` around its own mean: exp(-(z - mu)^2 / (2 (sigma + eps)^2)).
+
+    Args:
+        z: responses, batch first.
+        dims: the non-batch dims that one sample's statistics run over (stats='sample').
+        mode: 'unit' (peak 1) or 'pdf' (divided by sqrt(2 pi) (sigma + eps): the normal density,
+            as in the release).
+        stats: 'sample': mu and sigma per sample, so an image does not depend on its batch mates;
+            'batch': over the whole tensor (the release).
+        threshold: Gaussian threshold modulation (GTM, source document eq. 9): values below it
+            become 0, values at or above are kept unchanged. None = off.
+        eps: added to sigma so that a constant input gives a finite result (not in the release).
+
+    Returns:
+        A tensor shaped and typed like z (computed in float32). mu and sigma (mean, unbiased std) are detached, as in the release:
+        the gate's gradient flows through z only.
+    """
+    _check(mode, stats)
+    out_dtype = z.dtype
+    z = z.float()  # under fp16/bf16 autocast, (sigma + 1e-6)^2 and long means need float32
+    dims = tuple(dims) if stats == "sample" else tuple(range(z.dim()))
+    zd = z.detach()
+    mu = zd.mean(dim=dims, keepdim=True)
+    n = math.prod(z.shape[d] for d in dims)
+    # Unbiased std written out so a single element gives sigma 0 (torch.std gives NaN and warns).
+    sigma = ((zd - mu).square().sum(dim=dims, keepdim=True) / max(n - 1, 1)).sqrt() + eps
+    g = torch.exp(-(z - mu).square() / (2 * sigma.square()))
+    if mode == "pdf":
+        g = g / (math.sqrt(2 * math.pi) * sigma)
+    if threshold is not None:
+        g = torch.where(g >= threshold, g, torch.zeros_like(g))
+    return g.to(out_dtype)
+
+
+class ChannelGate(nn.Module):
+    """x * G(MLP(GAP(x))) with the Gaussian over the channel axis of each sample."""
+
+    def __init__(self, channels: int, reduction: int = 16, mode: str = "unit", stats: str = "sample",
+                 threshold: Optional[float] = None, eps: float = 1e-6):
+        super().__init__()
+        _check(mode, stats)
+        hidden = max(channels // reduction, 1)
+        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels))
+        self.gauss = dict(mode=mode, stats=stats, threshold=threshold, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.mlp(x.mean(dim=(2, 3)))
+        s = gaussian_modulation(a, dims=(1,), **self.gauss)
+        return x * s[:, :, None, None]
+
+
+class SpatialGate(nn.Module):
+    """x * G(BN(conv7x7([max_c x, mean_c x]))) with the Gaussian over each sample's positions."""
+
+    def __init__(self, mode: str = "unit", stats: str = "sample", threshold: Optional[float] = None,
+                 eps: float = 1e-6):
+        super().__init__()
+        _check(mode, stats)
+        self.conv = nn.Conv2d(2, 1, 7, padding=3, bias=False)
+        self.bn = nn.BatchNorm2d(1, momentum=0.01)  # the release's (CBAM's) momentum
+        self.gauss = dict(mode=mode, stats=stats, threshold=threshold, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = torch.cat([x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)], dim=1)
+        t = self.bn(self.conv(q))  # no activation: the Gaussian is the gate
+        return x * gaussian_modulation(t, dims=(1, 2, 3), **self.gauss)
+
+
+class AMM(nn.Module):
+    """SpatialGate(ChannelGate(x)); shape-preserving, so it plugs in after a stage or in a block.
+
+    Args:
+        channels: channels of x.
+        cfg: its gaussian, stats, threshold, reduction and eps are used.
+    """
+
+    def __init__(self, channels: int, cfg: AMMConfig):
+        super().__init__()
+        gauss = dict(mode=cfg.gaussian, stats=cfg.stats, threshold=cfg.threshold, eps=cfg.eps)
+        self.channel = ChannelGate(channels, cfg.reduction, **gauss)
+        self.spatial = SpatialGate(**gauss)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.spatial(self.channel(x))

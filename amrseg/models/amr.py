@@ -1,0 +1,196 @@
+"""The AMR network (AMR.md section 1): a spotlight and a compensation CAM branch over one image.
+
+Each branch is a ResNet plus a bias-free 1x1 conv classifier. The compensation branch carries
+AMMs: after each stage (the paper) or inside every residual block (the release).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import AMMConfig, Config, ModelConfig
+from ..errors import AmrsegError
+from .amm import AMM
+from .resnet import ResNet, _key_list, _one_line, build_resnet, load_pretrained
+
+_SUFFIX = {"spotlight": "s", "compensation": "c"}
+
+
+class CAMBranch(nn.Module):
+    """Backbone (+ optional AMM after each stage) + classifier.
+
+    Args:
+        backbone: the ResNet.
+        num_classes: K foreground classes.
+        amms: 4 modules applied after layer1..4, or None.
+    """
+
+    def __init__(self, backbone: ResNet, num_classes: int, amms: Optional[nn.ModuleList] = None):
+        super().__init__()
+        self.backbone = backbone
+        self.amms = amms
+        self.classifier = nn.Conv2d(backbone.out_channels, num_classes, 1, bias=False)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The final feature map F (B x C_feat x h x w)."""
+        x = self.backbone.stem(x)
+        for i, layer in enumerate(self.backbone.stages()):
+            x = layer(x)
+            if self.amms is not None:
+                x = self.amms[i](x)
+        return x
+
+    def head(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [B, K] = W applied to GAP(F), CAM [B, K, h, w] = ReLU(W F))."""
+        logits = self.classifier(f.mean(dim=(2, 3), keepdim=True)).flatten(1)
+        return logits, F.relu(self.classifier(f))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(self.features(x))
+
+
+class AMRNet(nn.Module):
+    """Spotlight branch + (optionally) compensation branch with AMMs.
+
+    Args:
+        model_cfg: backbone, BN, freezing and branch settings.
+        amm_cfg: AMM placement and Gaussian settings.
+        num_classes: K foreground classes (no background class in the classifiers).
+    """
+
+    def __init__(self, model_cfg: ModelConfig, amm_cfg: AMMConfig, num_classes: int):
+        super().__init__()
+        self._frozen: list[str] = []  # qualified module names kept frozen and in eval mode
+        # Fixed BN only makes sense on pretrained statistics; from scratch every BN must learn.
+        fixed = model_cfg.fixed_bn and model_cfg.pretrained != "none"
+
+        def backbone(block_amm=None) -> ResNet:
+            return build_resnet(model_cfg.backbone, model_cfg.base_width, model_cfg.strides, fixed, block_amm)
+
+        self.spotlight = CAMBranch(backbone(), num_classes)
+        self.compensation: Optional[CAMBranch] = None
+        if model_cfg.compensation:
+            if amm_cfg.placement == "stage":
+                net = backbone()
+                amms = nn.ModuleList(AMM(c, amm_cfg) for c in net.stage_channels)
+                self.compensation = CAMBranch(net, num_classes, amms)
+            elif amm_cfg.placement == "block":
+                self.compensation = CAMBranch(backbone(lambda c: AMM(c, amm_cfg)), num_classes)
+            else:
+                raise AmrsegError(f"config key 'amm.placement': {amm_cfg.placement!r} is not one of stage, block")
+        self.freeze(model_cfg)
+
+    def branches(self) -> list[tuple[str, CAMBranch]]:
+        """[(name, branch)] of the branches present, spotlight first."""
+        out = [("spotlight", self.spotlight)]
+        if self.compensation is not None:
+            out.append(("compensation", self.compensation))
+        return out
+
+    def branch_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{'spotlight': F_s, 'compensation': F_c} (the latter only when present)."""
+        return {name: branch.features(x) for name, branch in self.branches()}
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{'logits_s', 'cam_s'} and, with the compensation branch, {'logits_c', 'cam_c'}."""
+        out = {}
+        for name, branch in self.branches():
+            logits, cam = branch(x)
+            out[f"logits_{_SUFFIX[name]}"] = logits
+            out[f"cam_{_SUFFIX[name]}"] = cam
+        return out
+
+    # ----------------------------------------------------------------------- freezing
+
+    def freeze(self, model_cfg: ModelConfig) -> None:
+        """Freezes what model_cfg asks for: no gradient, and eval mode (BN statistics stay put).
+
+        Idempotent, so it can be applied again after loading weights. A frozen layer1 freezes the
+        AMMs inside its blocks too, as the release's detach after layer1 does.
+        """
+        names = []
+        if model_cfg.freeze_stem and model_cfg.pretrained != "none":
+            for branch, _ in self.branches():
+                names += [f"{branch}.backbone.conv1", f"{branch}.backbone.bn1"]
+        if model_cfg.freeze_spotlight_backbone:
+            names.append("spotlight.backbone")
+        if model_cfg.freeze_compensation:
+            if self.compensation is None:
+                raise AmrsegError("config key 'model.freeze_compensation': there is no compensation branch "
+                                  "(model.compensation is false)")
+            valid = [n for n, _ in self.compensation.backbone.named_children()]
+            for n in model_cfg.freeze_compensation:
+                if n not in valid:
+                    raise AmrsegError(f"config key 'model.freeze_compensation': unknown module {n!r} "
+                                      f"(valid: {', '.join(valid)})")
+                names.append(f"compensation.backbone.{n}")
+        for name in names:
+            module = self.get_submodule(name)
+            module.requires_grad_(False)
+            module.eval()
+        self._frozen = sorted(set(self._frozen) | set(names))
+
+    def train(self, mode: bool = True) -> "AMRNet":
+        super().train(mode)
+        for name in self._frozen:  # frozen modules never leave eval mode
+            self.get_submodule(name).eval()
+        return self
+
+    def param_groups(self, lr: float, new_lr_mult: float, weight_decay: float) -> list[dict]:
+        """SGD groups of trainable parameters: backbone at lr, new layers (AMMs, classifiers) x mult."""
+        backbone, new = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (backbone if ".backbone." in name and ".amm." not in name else new).append(p)
+        groups = [("backbone", backbone, lr), ("new", new, lr * new_lr_mult)]
+        return [{"params": ps, "lr": g_lr, "initial_lr": g_lr, "weight_decay": weight_decay, "name": name}
+                for name, ps, g_lr in groups if ps]
+
+
+def _load_spotlight(model: AMRNet, source: str) -> None:
+    """Loads the spotlight branch of a trained run (DIR/model.pt or a file) into `model`."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / "model.pt"
+    flag = f"--init-spotlight {source}"
+    if not path.is_file():
+        raise AmrsegError(f"{flag}: no such file {path} (expected a `cam` run directory or its model.pt)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise AmrsegError(f"{flag}: cannot read {path} ({_one_line(e)})") from None
+    # model.pt holds {'state_dict': ...}; a checkpoint.pt of the same run holds {'model': ...}.
+    wrapped = [obj[k] for k in ("state_dict", "model") if isinstance(obj, dict) and isinstance(obj.get(k), dict)]
+    state = wrapped[0] if wrapped else None
+    if state is None:
+        raise AmrsegError(f"{flag}: {path} holds no 'state_dict' of a trained run")
+    sub = {k[len("spotlight."):]: v for k, v in state.items() if k.startswith("spotlight.")}
+    own = model.spotlight.state_dict()
+    missing = [k for k in own if k not in sub]
+    unexpected = [k for k in sub if k not in own]
+    if missing or unexpected:
+        parts = [f"missing spotlight keys: {_key_list(missing)}"] if missing else []
+        parts += [f"unexpected spotlight keys: {_key_list(unexpected)}"] if unexpected else []
+        raise AmrsegError(f"{flag}: {path} does not fit this model's spotlight branch ({'; '.join(parts)})")
+    for key, value in sub.items():
+        if not isinstance(value, torch.Tensor) or value.shape != own[key].shape:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise AmrsegError(f"{flag}: {path}: spotlight.{key} has shape {shape}, "
+                              f"the model expects {tuple(own[key].shape)}")
+    model.spotlight.load_state_dict(sub)
+
+
+def build_model(cfg: Config, num_classes: int) -> AMRNet:
+    """AMRNet of cfg, with pretrained backbones and the spotlight of --init-spotlight loaded."""
+    model = AMRNet(cfg.model, cfg.amm, num_classes)
+    if cfg.model.pretrained != "none":
+        for _, branch in model.branches():
+            load_pretrained(branch.backbone, cfg.model.pretrained, cfg.model.backbone)
+    if cfg.model.init_spotlight:
+        _load_spotlight(model, cfg.model.init_spotlight)
+    model.freeze(cfg.model)
+    return model

@@ -1,0 +1,182 @@
+"""IRN inter-pixel affinities (Ahn et al., CVPR 2019): pairs, their loss, and boundary -> affinity.
+
+Geometry shared by every function here. The offsets ``d = (dy, dx)`` are the displacements with
+``0 < dy^2 + dx^2 < radius^2``, one of each +/- pair (``dy > 0`` or ``dy == 0 and dx > 0``),
+in the order of :func:`search_offsets`. A map of size HxW is cropped to the "from" pixels
+``p = (y, x)`` with ``y in [0, H - max_dy)`` and ``x in [max_dx_neg, W - max_dx_pos)`` (``max_dy``
+the largest dy, ``max_dx_neg`` / ``max_dx_pos`` the largest -dx / dx), so that ``p + d`` lies
+inside the map for every offset. For an integer radius r >= 2 all three margins are r - 1: the
+crop of IRN's ``PathIndex``. Per-pair tensors are laid out [B, D, h, w] with
+``h = H - max_dy`` and ``w = W - max_dx_neg - max_dx_pos``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from amrseg.errors import AmrsegError
+
+IGNORE = 255
+_EPS = 1e-5  # IRN's guard inside the logs
+
+
+def search_offsets(radius: int) -> list[tuple[int, int]]:
+    """IRN's affinity displacements within ``radius``, one of each +/- pair.
+
+    Order (IRN's): first ``(0, 1) .. (0, radius - 1)``, then rows ``dy = 1, 2, ...`` with ``dx``
+    ascending; i.e. the offsets sorted by ``(dy, dx)``.
+
+    Args:
+        radius: Open radius of the neighbourhood, >= 2.
+
+    Returns:
+        The offsets ``(dy, dx)``.
+
+    Raises:
+        AmrsegError: If ``radius < 2`` (no neighbour would be in reach).
+    """
+    if int(radius) != radius or radius < 2:
+        raise AmrsegError(f"affinity radius must be an integer >= 2, got {radius}")
+    r = int(radius)
+    return [
+        (dy, dx)
+        for dy in range(0, r)
+        for dx in range(-r + 1, r)
+        if 0 < dy * dy + dx * dx < r * r and (dy > 0 or dx > 0)
+    ]
+
+
+@dataclass(frozen=True)
+class Crop:
+    """Margins of the "from" pixel crop (see the module docstring)."""
+
+    max_dy: int
+    max_dx_neg: int
+    max_dx_pos: int
+
+    def size(self, height: int, width: int) -> tuple[int, int]:
+        """Cropped (h, w) of an HxW map."""
+        return height - self.max_dy, width - self.max_dx_neg - self.max_dx_pos
+
+
+def crop_of(offsets: list[tuple[int, int]]) -> Crop:
+    """The crop margins that keep ``p + d`` inside the map for every offset."""
+    return Crop(
+        max_dy=max(dy for dy, _ in offsets),
+        max_dx_neg=max(0, max(-dx for _, dx in offsets)),
+        max_dx_pos=max(0, max(dx for _, dx in offsets)),
+    )
+
+
+def _shifted(x: torch.Tensor, crop: Crop, dy: int, dx: int) -> torch.Tensor:
+    """The values of ``x`` [..., H, W] at ``p + (dy, dx)`` for every cropped "from" pixel p."""
+    h, w = crop.size(x.shape[-2], x.shape[-1])
+    if h <= 0 or w <= 0:
+        raise AmrsegError(f"map of size {tuple(x.shape[-2:])} is too small for the affinity radius")
+    x0 = crop.max_dx_neg + dx
+    return x[..., dy : dy + h, x0 : x0 + w]
+
+
+def extract_pairs(label: torch.Tensor, radius: int) -> dict[str, torch.Tensor]:
+    """IRN's affinity training labels: which pixel pairs are same-class or different.
+
+    Args:
+        label: [B, H, W] integer map: 0 background, 1..K classes, 255 ignore (an IR label).
+        radius: Affinity radius (see :func:`search_offsets`).
+
+    Returns:
+        Boolean masks [B, D, h, w] over (cropped "from" pixel, offset) pairs: ``pos_bg`` (both
+        background), ``pos_fg`` (both the same class > 0), ``neg`` (both known, different).
+        Pairs touching 255 are in none of them.
+    """
+    if label.dim() != 3:
+        raise AmrsegError(f"affinity labels must be [B, H, W], got {tuple(label.shape)}")
+    offsets = search_offsets(radius)
+    crop = crop_of(offsets)
+    src = _shifted(label, crop, 0, 0).unsqueeze(1)  # [B, 1, h, w]
+    dst = torch.stack([_shifted(label, crop, dy, dx) for dy, dx in offsets], dim=1)
+    valid = (src != IGNORE) & (dst != IGNORE)
+    same = src == dst
+    return {
+        "pos_bg": valid & same & (src == 0),
+        "pos_fg": valid & same & (src != 0),
+        "neg": valid & ~same,
+    }
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over ``mask``; 0 (with a gradient path) when the mask is empty."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def affinity_loss(aff: torch.Tensor, pairs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """IRN's class-boundary loss on predicted affinities.
+
+    Args:
+        aff: [B, D, h, w] affinities in [0, 1] (e.g. from :func:`boundary_to_affinity`).
+        pairs: The masks of :func:`extract_pairs`, same shape.
+
+    Returns:
+        ``pos_bg`` and ``pos_fg``: mean of ``-log(aff + 1e-5)`` over those pairs; ``neg``: mean
+        of ``-log(1 + 1e-5 - aff)`` over negative pairs (each 0 when it has no pairs); ``total``
+        = pos_bg / 4 + pos_fg / 4 + neg / 2 (IRN balances background against foreground
+        positives, then positives against negatives).
+    """
+    pos = -torch.log(aff + _EPS)
+    neg = -torch.log(1.0 + _EPS - aff)
+    out = {
+        "pos_bg": _masked_mean(pos, pairs["pos_bg"]),
+        "pos_fg": _masked_mean(pos, pairs["pos_fg"]),
+        "neg": _masked_mean(neg, pairs["neg"]),
+    }
+    out["total"] = out["pos_bg"] / 4 + out["pos_fg"] / 4 + out["neg"] / 2
+    return out
+
+
+def line_points(dy: int, dx: int) -> list[tuple[int, int]]:
+    """The lattice points of the segment from (0, 0) to (dy, dx), endpoints included.
+
+    ``n = max(|dy|, |dx|)`` steps; point k is ``(round(k dy / n), round(k dx / n))``, rounding
+    halves away from zero (so the path of ``-d`` is the mirror of that of ``d``).
+    """
+    n = max(abs(dy), abs(dx))
+    if n == 0:
+        return [(0, 0)]
+
+    def rnd(num: int) -> int:  # round(num / n), halves away from zero, in exact integers
+        q = (2 * abs(num) + n) // (2 * n)
+        return q if num >= 0 else -q
+
+    return [(rnd(k * dy), rnd(k * dx)) for k in range(n + 1)]
+
+
+def boundary_to_affinity(boundary: torch.Tensor, radius: int) -> torch.Tensor:
+    """IRN's affinity from a class-boundary map.
+
+    ``aff(p, p + d) = 1 - max(boundary)`` over the points of the straight line from p to p + d
+    (:func:`line_points`, endpoints included): two pixels are related unless a boundary lies
+    between them. Differentiable in ``boundary`` (the boundary branch trains through it).
+
+    Args:
+        boundary: [B, H, W] boundary probabilities in [0, 1].
+        radius: Affinity radius (see :func:`search_offsets`).
+
+    Returns:
+        [B, D, h, w] affinities over the cropped "from" pixels (module docstring).
+    """
+    if boundary.dim() != 3:
+        raise AmrsegError(f"boundary map must be [B, H, W], got {tuple(boundary.shape)}")
+    offsets = search_offsets(radius)
+    crop = crop_of(offsets)
+    # Many offsets share path points: slice each point once.
+    shifted: dict[tuple[int, int], torch.Tensor] = {}
+    affs = []
+    for dy, dx in offsets:
+        peak = None
+        for point in line_points(dy, dx):
+            if point not in shifted:
+                shifted[point] = _shifted(boundary, crop, *point)
+            peak = shifted[point] if peak is None else torch.maximum(peak, shifted[point])
+        affs.append(1.0 - peak)
+    return torch.stack(affs, dim=1)

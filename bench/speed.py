@@ -1,0 +1,212 @@
+"""Speed benchmark: prints a table of figures measured in one run.
+
+- train-cam step throughput (forward + backward + SGD) per preset, on CPU, and on CUDA when present
+  (fp32 against autocast + channels_last);
+- make-cam: batched against the plain per-image, per-scale loop (cam/reference.py), maps checked equal;
+- advcam: climbing for all of an image's classes in one batch against one class at a time;
+- eval-cam: a 19-threshold sweep in one pass against 19 single-threshold passes.
+
+Usage: python bench/speed.py [--images 32] [--size 128] [--out bench/out/speed.md]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from amrseg.cam.infer import InferConfig, _advcam_maps, cams_for_batch  # noqa: E402
+from amrseg.cam.io import save_cam  # noqa: E402
+from amrseg.cam.reference import reference_cams  # noqa: E402
+from amrseg.config import load_preset, merge  # noqa: E402
+from amrseg.engine.common import autocast  # noqa: E402
+from amrseg.eval.eval_cam import evaluate_cams  # noqa: E402
+from amrseg.models.amr import AMRNet  # noqa: E402
+from amrseg.models.losses import amr_loss  # noqa: E402
+
+K = 10
+
+
+def small_cfg(preset: str, width: int):
+    cfg = load_preset(preset)
+    return merge(cfg, {"model": {"backbone": "resnet18", "base_width": width, "pretrained": "none",
+                                 "init_spotlight": None}})
+
+
+def timeit(fn, repeat: int) -> float:
+    fn()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - t0) / repeat
+
+
+def train_throughput(preset, width, size, batch, device, amp=False, steps=5) -> float:
+    cfg = small_cfg(preset, width)
+    model = AMRNet(cfg.model, cfg.amm, K).to(device).train()
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = (torch.rand(batch, K, device=device) < 0.2).float()
+    y[:, 0] = 1
+    if amp:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.param_groups(0.01, 10, 1e-4), lr=0.01, momentum=0.9)
+    dtype = torch.bfloat16 if amp else None
+
+    def step():
+        with autocast(torch.device(device), dtype):
+            out = model(x)
+        loss = amr_loss({k: v.float() for k, v in out.items()}, y, cfg.loss)["total"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return batch / timeit(step, steps)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--images", type=int, default=32)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--out", default="bench/out/speed.md")
+    a = p.parse_args()
+    torch.manual_seed(0)
+    rows = []
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        for preset in ("cam", "amr", "amr-gtm", "amr-official"):
+            ips = train_throughput(preset, a.width, a.size, 16, device)
+            rows.append(("train-cam step", f"{preset}, {device} fp32, resnet18 w{a.width}, {a.size}px, batch 16",
+                         f"{ips:.1f} img/s", ""))
+            if device == "cuda":
+                ips2 = train_throughput(preset, a.width, a.size, 16, device, amp=True)
+                rows.append(("train-cam step", f"{preset}, cuda bf16 + channels_last", f"{ips2:.1f} img/s",
+                             f"{ips2 / ips:.2f}x vs fp32"))
+
+    # make-cam: batched vs plain loop, same maps
+    cfg = small_cfg("amr", a.width)
+    model = AMRNet(cfg.model, cfg.amm, K).eval()
+    images = torch.randn(a.images, 3, a.size, a.size)
+    keys = [torch.tensor(sorted(np.random.default_rng(i).choice(K, 1 + i % 3, replace=False).tolist()))
+            for i in range(a.images)]
+    scales = [1.0, 0.5, 1.5, 2.0]
+    for method in ("cam", "gradcam"):
+        icfg = InferConfig(method=method, scales=scales, batch_size=16)
+        t0 = time.perf_counter()
+        batched = []
+        for s in range(0, a.images, icfg.batch_size):
+            batched += cams_for_batch(model, images[s:s + icfg.batch_size], [k.clone() for k in keys[s:s + 16]], icfg)
+        t_batched = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ref = [reference_cams(model, images[i], keys[i].tolist(), scales, 0.5, method) for i in range(a.images)]
+        t_ref = time.perf_counter() - t0
+        err = max((b[1]["fused"] - r["fused"]).abs().max().item() for b, r in zip(batched, ref))
+        rows.append((f"make-cam {method}", f"{a.images} images {a.size}px, scales {scales} + flip, amr",
+                     f"{a.images / t_batched:.1f} img/s batched vs {a.images / t_ref:.1f} img/s loop",
+                     f"{t_ref / t_batched:.1f}x, max diff {err:.1e}"))
+
+    # advcam: all classes of an image in one batch vs one class at a time
+    icfg = InferConfig(method="advcam", adv_steps=8)
+    n_adv = min(6, a.images)
+    multi = [i for i in range(a.images) if len(keys[i]) > 1][:n_adv]
+    t0 = time.perf_counter()
+    batched = []
+    for i in multi:
+        x = torch.cat([images[i:i + 1], images[i:i + 1].flip(-1)])
+        k = keys[i]
+        rows_x = torch.cat([x[:1].expand(len(k), -1, -1, -1), x[1:].expand(len(k), -1, -1, -1)])
+        batched.append(_advcam_maps(model, rows_x, torch.cat([k, k]), icfg.adv_steps, icfg))
+    t_b = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    err = 0.0
+    for i, bm in zip(multi, batched):
+        x = torch.cat([images[i:i + 1], images[i:i + 1].flip(-1)])
+        for j, c in enumerate(keys[i].tolist()):
+            one = _advcam_maps(model, x, torch.tensor([c, c]), icfg.adv_steps, icfg)
+            n = len(keys[i])
+            for name in one:
+                err = max(err, (one[name][0] - bm[name][j]).abs().max().item(),
+                          (one[name][1] - bm[name][n + j]).abs().max().item())
+    t_l = time.perf_counter() - t0
+    rows.append(("make-cam advcam", f"{len(multi)} images with 2-3 classes, {icfg.adv_steps} steps, scale 1",
+                 f"{len(multi) / t_b:.2f} img/s batched vs {len(multi) / t_l:.2f} img/s per class",
+                 f"{t_l / t_b:.1f}x, max diff {err:.1e}"))
+
+    # eval-cam: one-pass sweep vs separate passes
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        data = _fake_data(root, rng, n=200, size=a.size)
+        thresholds = [round(0.05 * i, 2) for i in range(1, 20)]
+        t0 = time.perf_counter()
+        sweep = evaluate_cams(root / "cams", data, thresholds)
+        t_sweep = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        single = [evaluate_cams(root / "cams", data, [t])["miou"] for t in thresholds]
+        t_single = time.perf_counter() - t0
+        agree = max(abs(m - s) for (_, m), s in zip(sweep["sweep"], single))
+        rows.append(("eval-cam", f"200 images {a.size}px, 19 thresholds",
+                     f"{t_sweep:.2f} s one pass vs {t_single:.2f} s in 19 passes",
+                     f"{t_single / t_sweep:.1f}x, max mIoU diff {agree:.1e}"))
+
+    lines = [f"Speed, measured {time.strftime('%Y-%m-%d')} on {_machine()}", "",
+             "| what | setting | figure | vs baseline |", "|---|---|---|---|"]
+    lines += [f"| {a_} | {b} | {c} | {d} |" for a_, b, c, d in rows]
+    text = "\n".join(lines)
+    print(text)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(text + "\n")
+
+
+class _FakeData:
+    """The attributes of SegData that evaluate_cams reads."""
+
+    def __init__(self, ids, masks, class_names):
+        self.ids, self._masks, self.class_names = ids, masks, class_names
+        self.labels = None
+
+    @property
+    def num_classes(self):
+        return len(self.class_names) - 1
+
+    def __len__(self):
+        return len(self.ids)
+
+    def load_mask(self, i):
+        return self._masks[i]
+
+
+def _fake_data(root: Path, rng, n: int, size: int) -> _FakeData:
+    ids, masks = [], []
+    (root / "cams").mkdir(parents=True)
+    for i in range(n):
+        keys = np.sort(rng.choice(K, 2, replace=False)).astype(np.int64)
+        maps = rng.random((2, size, size)).astype(np.float32)
+        mask = np.where(maps.max(0) > 0.5, keys[maps.argmax(0)] + 1, 0).astype(np.uint8)
+        mask[rng.random((size, size)) < 0.1] = rng.integers(0, K + 1)
+        ids.append(f"img{i:04d}")
+        masks.append(mask)
+        save_cam(root / "cams" / f"{ids[-1]}.npz", keys=keys, high_res=maps)
+    return _FakeData(ids, masks, ["background"] + [f"c{k}" for k in range(K)])
+
+
+def _machine() -> str:
+    import os
+    import platform
+
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{platform.machine()} with {os.cpu_count()} cores, torch {torch.__version__}{gpu}"
+
+
+if __name__ == "__main__":
+    main()

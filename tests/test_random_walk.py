@@ -1,0 +1,133 @@
+"""Random walk: against a dense numpy reference, hand-made propagation cases, invariants."""
+import numpy as np
+import pytest
+import torch
+
+from amrseg.errors import AmrsegError
+from amrseg.refine.affinity import search_offsets
+from amrseg.refine.random_walk import (
+    propagate,
+    random_walk,
+    rw_label,
+    sparse_affinity,
+    transition_matrix,
+)
+
+
+def _random_affinity(n, seed):
+    rng = np.random.default_rng(seed)
+    a = rng.uniform(0.2, 1.0, size=(n, n))
+    a = (a + a.T) / 2
+    np.fill_diagonal(a, 1.0)
+    return a
+
+
+def test_transition_rows_sum_to_one():
+    a = torch.from_numpy(_random_affinity(12, 0)).float()
+    t = transition_matrix(a, beta=3.0)
+    torch.testing.assert_close(t.sum(dim=1), torch.ones(12))
+    scaled = a**3
+    torch.testing.assert_close(t[4], scaled[4] / scaled[4].sum())
+
+
+@pytest.mark.parametrize("squaring", [True, False, None])
+@pytest.mark.parametrize("exp_times", [0, 3])
+def test_random_walk_against_numpy_reference(squaring, exp_times):
+    h, w, c, beta = 6, 6, 3, 3.0
+    a = _random_affinity(h * w, 1)
+    cams = np.random.default_rng(2).uniform(0, 1, size=(c, h, w))
+    # IRN's own formulation: column-normalised matrix, cam_vec @ M ** (2 ** exp_times).
+    scaled = a**beta
+    m = scaled / scaled.sum(axis=0, keepdims=True)
+    expected = cams.reshape(c, -1) @ np.linalg.matrix_power(m, 2**exp_times)
+    cams_t, a_t = torch.from_numpy(cams).float(), torch.from_numpy(a).float()
+    out = random_walk(cams_t, a_t, beta, exp_times, squaring)
+    assert out.shape == (c, h, w)
+    np.testing.assert_allclose(out.numpy().reshape(c, -1), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_random_walk_keeps_constant_maps():
+    a = torch.from_numpy(_random_affinity(20, 3)).float()
+    out = random_walk(torch.full((1, 4, 5), 0.25), a, beta=10, exp_times=8)
+    torch.testing.assert_close(out, torch.full((1, 4, 5), 0.25))
+
+
+def test_sparse_affinity_against_brute_force():
+    h, w, radius = 4, 5, 3
+    offsets = search_offsets(radius)
+    aff = torch.rand(len(offsets), h, w, generator=torch.Generator().manual_seed(4))
+    dense = sparse_affinity(aff, offsets)
+    expected = torch.zeros(h * w, h * w)
+    for k, (dy, dx) in enumerate(offsets):
+        for y in range(h):
+            for x in range(w):
+                ty, tx = y + dy, x + dx
+                if 0 <= ty < h and 0 <= tx < w:
+                    expected[y * w + x, ty * w + tx] = aff[k, y, x]
+                    expected[ty * w + tx, y * w + x] = aff[k, y, x]
+    expected += torch.eye(h * w)
+    torch.testing.assert_close(dense, expected)
+
+
+def test_propagate_by_hand():
+    # 1 x 3 grid, radius 2: only horizontal neighbours are in reach,
+    # so A = [[1,1,0],[1,1,1],[0,1,1]]
+    # and one step (exp_times 0) with beta 1 averages: T x = [x0+x1, x0+x1+x2, x1+x2] / [2, 3, 2].
+    cams = torch.tensor([[[1.0, 0.0, 0.0]], [[0.0, 0.0, 0.5]]])
+    boundary = torch.zeros(1, 3)
+    kw = dict(radius=2, beta=1.0, exp_times=0, bg_threshold=0.3)
+    # walked: class 1 [1/2, 1/3, 0], class 2 [0, 1/6, 1/4]; the common max is 1/2.
+    out = propagate(cams, boundary, norm="global", **kw)
+    expected = torch.tensor([[[0.3, 0.3, 0.3]], [[1.0, 2 / 3, 0.0]], [[0.0, 1 / 3, 0.5]]])
+    torch.testing.assert_close(out, expected)
+    out = propagate(cams, boundary, norm="per_class", **kw)
+    expected[2] = torch.tensor([[0.0, 2 / 3, 1.0]])
+    torch.testing.assert_close(out, expected)
+
+
+def test_propagate_wall_keeps_activation_on_its_side():
+    h, w = 6, 9
+    cams = torch.zeros(1, h, w)
+    cams[0, 2, 1] = 1.0
+    boundary = torch.zeros(h, w)
+    boundary[:, 4] = 1.0  # a full-height wall at column 4
+    before = (cams.clone(), boundary.clone())
+    out = propagate(cams, boundary, radius=3, beta=10, exp_times=4)
+    assert torch.equal(cams, before[0]) and torch.equal(boundary, before[1])  # inputs untouched
+    assert out.shape == (2, h, w)
+    assert torch.all(out[0] == 0.25)
+    assert torch.all(out[1][:, 4:] == 0)  # nothing crosses (or sits on) the wall
+    assert torch.all(out[1][:, :4] > 0.25)  # the left side is filled
+    assert out[1].max().item() == pytest.approx(1.0)
+    mask = rw_label(out, np.array([6]))
+    expected = np.zeros((h, w), np.uint8)
+    expected[:, :4] = 7
+    np.testing.assert_array_equal(mask, expected)
+    # Without the wall the activation does reach the right side.
+    open_out = propagate(cams, torch.zeros(h, w), radius=3, beta=10, exp_times=4)
+    assert torch.all(open_out[1][:, 5:] > 0)
+
+
+def test_propagate_applies_cam_power():
+    gen = torch.Generator().manual_seed(5)
+    cams = torch.rand(2, 4, 5, generator=gen)
+    boundary = torch.rand(4, 5, generator=gen) * 0.5
+    kw = dict(radius=2, beta=4.0, exp_times=2, norm="per_class")
+    powered = propagate(cams, boundary, cam_power=1.5, **kw)
+    torch.testing.assert_close(powered, propagate(cams**1.5, boundary, cam_power=1.0, **kw))
+    assert not torch.allclose(powered, propagate(cams, boundary, cam_power=1.0, **kw))
+
+
+def test_propagate_no_classes_and_bad_norm():
+    out = propagate(torch.zeros(0, 3, 4), torch.zeros(3, 4), bg_threshold=0.2)
+    torch.testing.assert_close(out, torch.full((1, 3, 4), 0.2))
+    assert rw_label(out, np.zeros(0, np.int64)).tolist() == [[0] * 4] * 3
+    with pytest.raises(AmrsegError):
+        propagate(torch.zeros(1, 3, 4), torch.zeros(3, 4), norm="max")
+
+
+def test_rw_label_maps_argmax_to_class_ids():
+    maps = np.array([[[0.3, 0.3, 0.3]], [[0.9, 0.1, 0.3]], [[0.2, 0.8, 0.1]]])
+    np.testing.assert_array_equal(rw_label(maps, np.array([2, 14])), [[3, 15, 0]])
+    with pytest.raises(AmrsegError):
+        rw_label(maps, np.array([2]))
