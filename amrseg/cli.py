@@ -86,7 +86,7 @@ def cmd_make_cam(a) -> int:
 
 def cmd_eval_cam(a) -> int:
     from .data.voc import open_dataset
-    from .engine.common import atomic_write
+    from .fileio import write_text
     from .eval.eval_cam import evaluate_cams, parse_range
 
     if a.sweep and a.threshold is not None:
@@ -97,7 +97,7 @@ def cmd_eval_cam(a) -> int:
     result = evaluate_cams(Path(a.cams), data, thresholds, xi_values=xis, device=a.device, progress=None)
     text = json.dumps(result, indent=2)
     if a.out:
-        atomic_write(Path(a.out), lambda tmp: open(tmp, "w").write(text + "\n"))
+        write_text(a.out, text + "\n")
     print(text)
     return 0
 

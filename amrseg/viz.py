@@ -15,8 +15,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .cam.io import load_cam
-from .data.voc import VOC_PALETTE, save_image_atomic
-from .engine.common import atomic_write, progress as progress_bar
+from .data.voc import VOC_PALETTE
+from .engine.common import progress as progress_bar
+from .fileio import atomic_write, save_image
 from .errors import AmrsegError
 from .eval.metrics import confusion_matrix, iou_from_confusion
 
@@ -201,7 +202,7 @@ def visualize(
             tiles.append(_tile(overlay(img, heatmap(m)), data.class_names[k + 1]))
         tiles.append(_tile(colorize(pred), f"prediction t={threshold:.2f}", nearest=True))
         panel_path = panels_dir / f"{image_id}.png"
-        save_image_atomic(_panel(tiles), panel_path, format="PNG")
+        save_image(_panel(tiles), panel_path, format="PNG")
         rows.append((image_id, score, panel_path.relative_to(out_dir)))
 
     warnings = []

@@ -179,18 +179,20 @@ def test_later_items_occlude_earlier_ones():
     pytest.fail("no partly overlapping pair drawn")
 
 
-def test_item_intensity_is_alpha_and_modulates_the_colour():
+def test_item_intensity_sets_opacity_and_modulates_the_colour():
     background = render_background(np.random.default_rng(0), 64)
     painted = {}
-    for value in (255, 128):
+    for value in (255, 100):
         c, r = background.copy(), np.zeros((64, 64), np.uint8)
         paint_item(c, r, np.full((28, 28), value, np.uint8), 0, np.random.default_rng(9))
         painted[value] = (c, r)
     inside = painted[255][1] == 1
-    assert inside.any() and (painted[128][1] == 1).sum() == inside.sum()  # 128/255 is above the threshold
-    a = np.float32(128 / 255)
-    colour = painted[255][0][inside]  # alpha 1 shows the colour itself
-    np.testing.assert_allclose(painted[128][0][inside], (1 - a) * background[inside] + a * a * colour, atol=1e-5)
+    assert inside.any() and (painted[100][1] == 1).sum() == inside.sum()  # 100/255 is above the threshold
+    a = np.float32(100 / 255)
+    colour = painted[255][0][inside]  # intensity 1: opaque, the colour itself
+    opacity = 2 * a  # min(1, 2a)
+    expected = (1 - opacity) * background[inside] + opacity * colour * (0.3 + 0.7 * a)
+    np.testing.assert_allclose(painted[100][0][inside], expected, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- scenes dataset

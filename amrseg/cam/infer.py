@@ -23,15 +23,14 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from ..config import Config, merge
 from ..data.transforms import normalize
-from ..data.voc import SegData, list_images, open_dataset
+from ..data.voc import SegData, image_size, list_images, open_dataset
 from ..engine.common import init_distributed, load_torch, pick_device, progress
 from ..errors import AmrsegError
 from ..models.amr import AMRNet
-from .io import save_cam
+from .io import normalise_max, save_cam
 
 METHODS = ("cam", "gradcam", "advcam")
 
@@ -173,18 +172,8 @@ def _size_batches(data: SegData, index: list[int], batch_size: int) -> list[list
     """Positions into `index` grouped by image size (from the headers), at most batch_size each."""
     groups: dict[tuple, list[int]] = {}
     for j, i in enumerate(index):
-        try:
-            with Image.open(data.image_path(i)) as im:
-                size = im.size
-        except (OSError, ValueError) as e:
-            raise AmrsegError(f"{data.image_path(i)}: cannot read image ({e})") from None
-        groups.setdefault(size, []).append(j)
+        groups.setdefault(image_size(data.image_path(i)), []).append(j)
     return [g[k:k + batch_size] for g in groups.values() for k in range(0, len(g), batch_size)]
-
-
-def _normalise_max(maps: torch.Tensor) -> torch.Tensor:
-    """Each class map divided by its own spatial max (+1e-5): values in [0, 1]."""
-    return maps / (maps.flatten(1).max(1).values[:, None, None] + 1e-5) if maps.numel() else maps
 
 
 def cams_for_batch(model: AMRNet, images: torch.Tensor, keys: list[Optional[torch.Tensor]], icfg: InferConfig
@@ -233,10 +222,10 @@ def cams_for_batch(model: AMRNet, images: torch.Tensor, keys: list[Optional[torc
     results = []
     for b in range(B):
         n = len(keys[b])
-        branch = {name: _normalise_max(m) for name, m in sums[b].items()} if n else \
+        branch = {name: normalise_max(m) for name, m in sums[b].items()} if n else \
             {name: images.new_zeros(0, H, W) for name, _ in model.branches()}
         if "compensation" in branch:
-            fused = _normalise_max(icfg.xi * branch["spotlight"] + (1 - icfg.xi) * branch["compensation"])
+            fused = normalise_max(icfg.xi * branch["spotlight"] + (1 - icfg.xi) * branch["compensation"])
         else:
             fused = branch["spotlight"]
         branch["fused"] = fused

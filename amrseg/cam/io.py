@@ -17,7 +17,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from ..engine.common import atomic_write
+from ..fileio import atomic_write
 from ..errors import AmrsegError
 
 BRANCHES = ("spotlight", "compensation")

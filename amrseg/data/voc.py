@@ -15,7 +15,6 @@ train_aug open in a fraction of a second; images and masks are decoded on access
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -24,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import AmrsegError
+from ..fileio import save_image
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -56,26 +56,6 @@ VOC_PALETTE = _voc_palette()  # [256, 3] uint8, read-only
 # --------------------------------------------------------------------------- file helpers
 
 
-def save_image_atomic(image: Image.Image, path: Union[str, Path], **save_kwargs) -> None:
-    """Saves a PIL image through a temporary file in the same folder and os.replace.
-
-    Args:
-        image: the image to write.
-        path: destination; its suffix picks the format unless `format=` is passed.
-        **save_kwargs: passed to `Image.save` (e.g. quality=95).
-    """
-    path = Path(path)
-    fmt = save_kwargs.pop("format", None) or Image.registered_extensions().get(path.suffix.lower())
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format=fmt, **save_kwargs)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_palette_png(path: Union[str, Path], mask: np.ndarray) -> None:
     """Writes a uint8 HxW label map as a VOC-palette PNG, atomically."""
     mask = np.asarray(mask)
@@ -83,7 +63,7 @@ def write_palette_png(path: Union[str, Path], mask: np.ndarray) -> None:
         raise ValueError(f"mask must be a 2-D uint8 array, got {mask.dtype} {mask.shape}")
     img = Image.fromarray(mask, mode="P")
     img.putpalette(VOC_PALETTE.tobytes())
-    save_image_atomic(img, path, format="PNG")
+    save_image(img, path, format="PNG")
 
 
 def read_mask(path: Union[str, Path]) -> np.ndarray:

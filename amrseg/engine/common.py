@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -14,6 +13,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..errors import AmrsegError
+from ..fileio import atomic_write
 
 
 @dataclass
@@ -66,21 +66,6 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Calls write(tmp_path) and renames the result onto `path`, so `path` is never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

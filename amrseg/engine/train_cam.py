@@ -22,9 +22,10 @@ from ..config import Config, merge, to_dict
 from ..data.transforms import CamTrainDataset
 from ..data.voc import open_dataset
 from ..errors import AmrsegError
+from ..fileio import atomic_write, write_text
 from ..models.amr import build_model
 from ..models.losses import amr_loss
-from .common import (DistInfo, atomic_torch_save, atomic_write, autocast, autocast_dtype, init_distributed,
+from .common import (DistInfo, atomic_torch_save, autocast, autocast_dtype, init_distributed,
                      load_torch, pick_device, poly_lr, progress, seed_everything)
 
 # Keys that may differ between a run and its resumption: they do not change the result.
@@ -179,7 +180,7 @@ def train_cam(cfg: Config, out: Path, resume: bool = False, show_progress: Optio
             _trim_log(log_path, step)
     elif dist_info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(cfg_path, lambda tmp: open(tmp, "w").write(yaml.safe_dump(to_dict(cfg), sort_keys=False)))
+        write_text(cfg_path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
         atomic_write(log_path, lambda tmp: _write_rows(tmp, []))
 
     net = model
