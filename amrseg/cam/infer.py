@@ -254,11 +254,11 @@ def _resolve_keys(model: AMRNet, x2: torch.Tensor, keys: list, icfg: InferConfig
 # --------------------------------------------------------------------------- the stage
 
 
-def open_inference_data(data: str, split: str) -> SegData:
-    """A VOC-style root (labels where it has them) or a plain folder of images."""
+def open_inference_data(data: str, split: str, class_names: list[str]) -> SegData:
+    """A VOC-style root (labels where it has them) or a plain folder of images (the run's classes)."""
     root = Path(data)
     if root.is_dir() and not (root / "JPEGImages").is_dir():
-        return list_images(root)
+        return list_images(root, class_names)
     return open_dataset(root, split, require_labels=False)
 
 
@@ -276,7 +276,7 @@ def make_cams(run: Path, data: str, split: str, out: Path, icfg: InferConfig, sh
     dist_info = init_distributed()
     device = pick_device(icfg.device, dist_info.local_rank)
     model, cfg, class_names = load_run(run, device)
-    dataset = open_inference_data(data, split)
+    dataset = open_inference_data(data, split, class_names)
     if dataset.num_classes != len(class_names) - 1:
         raise AmrsegError(f"--data {data}: {dataset.num_classes} classes, but the run was trained on "
                           f"{len(class_names) - 1}")

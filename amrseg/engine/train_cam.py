@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -192,7 +192,7 @@ def train_cam(cfg: Config, out: Path, resume: bool = False, show_progress: Optio
 
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=tc.batch_size // dist_info.world_size, sampler=sampler,
-        num_workers=tc.num_workers, pin_memory=device.type == "cuda", drop_last=True,
+        num_workers=min(tc.num_workers, os.cpu_count() or 1), pin_memory=device.type == "cuda", drop_last=True,
         persistent_workers=False)
 
     def save_checkpoint():

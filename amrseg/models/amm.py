@@ -62,6 +62,16 @@ def gaussian_modulation(z: torch.Tensor, dims: Sequence[int], mode: str = "unit"
     return g.to(out_dtype)
 
 
+def _gauss_args(gate: nn.Module) -> dict:
+    """The gate's Gaussian settings; in eval mode statistics are always per image.
+
+    So a CAM never depends on the other images of its inference batch. The release's inference
+    batch is an image and its flip, whose statistics equal the image's own (up to the n/(n-1) of
+    the unbiased std), so batch-statistics models give the release's maps.
+    """
+    return gate.gauss if gate.training else {**gate.gauss, "stats": "sample"}
+
+
 class ChannelGate(nn.Module):
     """x * G(MLP(GAP(x))) with the Gaussian over the channel axis of each sample."""
 
@@ -69,13 +79,15 @@ class ChannelGate(nn.Module):
                  threshold: Optional[float] = None, eps: float = 1e-6):
         super().__init__()
         _check(mode, stats)
-        hidden = max(channels // reduction, 1)
+        # At least 8 hidden units (or C): with 1-2 units, as C/16 gives in the half-width CPU nets, the
+        # ReLU is often dead for the whole batch from the start. ResNet-50 (C >= 256) is unaffected.
+        hidden = max(channels // reduction, min(8, channels))
         self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels))
         self.gauss = dict(mode=mode, stats=stats, threshold=threshold, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.mlp(x.mean(dim=(2, 3)))
-        s = gaussian_modulation(a, dims=(1,), **self.gauss)
+        s = gaussian_modulation(a, dims=(1,), **_gauss_args(self))
         return x * s[:, :, None, None]
 
 
@@ -93,7 +105,7 @@ class SpatialGate(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = torch.cat([x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)], dim=1)
         t = self.bn(self.conv(q))  # no activation: the Gaussian is the gate
-        return x * gaussian_modulation(t, dims=(1, 2, 3), **self.gauss)
+        return x * gaussian_modulation(t, dims=(1, 2, 3), **_gauss_args(self))
 
 
 class AMM(nn.Module):

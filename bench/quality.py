@@ -1,0 +1,96 @@
+"""Quality benchmark: cam vs amr vs amr-gtm on the Fashion-MNIST scenes, one fixed CPU recipe.
+
+Builds the scenes and a pretrained backbone (both reused when present), trains each preset with the
+same recipe, makes the val CAMs (with the branch maps, for the xi sweep), scores them with a
+threshold sweep, and writes a markdown table. Everything goes through the `amrseg` CLI, as a user
+would run it; every step resumes or skips what is done, so an interrupted benchmark picks up where
+it stopped.
+
+Usage: python bench/quality.py [--out bench/out] [--train 4000] [--val 500] [--epochs 4] [--lr 0.01]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from amrseg.cli import main as amrseg  # noqa: E402
+
+
+def run(*args: str) -> None:
+    code = amrseg([str(a) for a in args])
+    if code != 0:
+        raise SystemExit(f"amrseg {' '.join(map(str, args))} failed with exit {code}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="bench/out")
+    p.add_argument("--train", type=int, default=4000)
+    p.add_argument("--val", type=int, default=500)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--presets", default="cam,amr,amr-gtm")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--scales", default="1.0,0.5,1.5")
+    p.add_argument("--set", action="append", default=[], help="extra train-cam --set for every preset")
+    a = p.parse_args()
+    out = Path(a.out)
+    scenes, backbone = out / f"scenes-s{a.seed}", out / "backbone.pt"
+    if not (scenes / "ImageSets/Segmentation/val.txt").exists():
+        run("build-fashion-scenes", scenes, "--train", a.train, "--val", a.val, "--seed", a.seed)
+    if not backbone.exists():
+        run("pretrain-backbone", "--out", backbone, "--backbone", "resnet18", "--base-width", 32, "--epochs", 2,
+            "--items", 16000, "--size", 96)
+    recipe = ["--backbone", "resnet18", "--base-width", "32", "--pretrained", str(backbone), "--crop", "128",
+              "--batch-size", "16", "--epochs", str(a.epochs), "--lr", str(a.lr), "--seed", "0"]
+    for s in a.set:
+        recipe += ["--set", s]
+    rows, xi_rows = [], []
+    names = None
+    for preset in a.presets.split(","):
+        tag = preset + ("" if not a.set else "+" + "+".join(a.set))
+        run_dir, cams = out / f"run-{tag}", out / f"cams-{tag}"
+        t0 = time.perf_counter()
+        if not (run_dir / "model.pt").exists():
+            resume = ["--resume"] if (run_dir / "checkpoint.pt").exists() else []
+            run("train-cam", "--data", scenes, "--split", "train", "--preset", preset, "--out", run_dir, *recipe, *resume)
+        train_s = time.perf_counter() - t0
+        run("make-cam", "--run", run_dir, "--data", scenes, "--split", "val", "--out", cams, "--scales", a.scales,
+            "--save-branches")
+        metrics = out / f"metrics-{tag}.json"
+        run("eval-cam", "--cams", cams, "--data", scenes, "--split", "val", "--sweep", "0.05:0.70:0.05",
+            "--out", metrics)
+        m = json.loads(metrics.read_text())
+        names = [n for n in m["iou"] if n != "background"]
+        rows.append((tag, m["threshold"], m["miou"], [m["iou"][n] for n in ["background", *names]], train_s))
+        if preset != "cam":
+            xi_json = out / f"xi-{tag}.json"
+            run("eval-cam", "--cams", cams, "--data", scenes, "--split", "val", "--sweep", "0.05:0.70:0.05",
+                "--xi-sweep", "0:1:0.1", "--out", xi_json)
+            xi_rows.append((tag, json.loads(xi_json.read_text())["xi_sweep"]))
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f}"
+
+    lines = [f"CAM quality on {a.val} val scenes (Fashion-MNIST t10k items), resnet18 width 32, 128 px, "
+             f"{a.train} train scenes x {a.epochs} epochs, lr {a.lr}, scales {a.scales} + flip.", "",
+             "| preset | best threshold | mIoU | " + " | ".join(["bg", *names]) + " | train s |",
+             "|---" * (len(names) + 5) + "|"]
+    for tag, t, miou, ious, secs in rows:
+        lines.append(f"| {tag} | {t:.2f} | **{pct(miou)}** | " + " | ".join(pct(v) for v in ious) + f" | {secs:.0f} |")
+    for tag, sweep in xi_rows:
+        lines += ["", f"xi sweep for {tag} (xi = weight of the spotlight CAM; best threshold per xi):", "",
+                  "| xi | " + " | ".join(f"{x:.1f}" for x, _, _ in sweep) + " |",
+                  "|---" * (len(sweep) + 1) + "|",
+                  "| mIoU | " + " | ".join(pct(m) for _, _, m in sweep) + " |"]
+    text = "\n".join(lines)
+    print(text)
+    (out / "quality.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
