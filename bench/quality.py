@@ -6,7 +6,9 @@ threshold sweep, and writes a markdown table. Everything goes through the `amrse
 would run it; every step resumes or skips what is done, so an interrupted benchmark picks up where
 it stopped.
 
-Usage: python bench/quality.py [--out bench/out] [--train 4000] [--val 500] [--epochs 4] [--lr 0.01]
+amr-official is initialised from this benchmark's cam run (--init-spotlight), so list cam first.
+
+Usage: python bench/quality.py [--out bench/out] [--train 3000] [--val 500] [--epochs 4] [--lr 0.05]
 """
 from __future__ import annotations
 
@@ -29,11 +31,11 @@ def run(*args: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="bench/out")
-    p.add_argument("--train", type=int, default=4000)
+    p.add_argument("--train", type=int, default=3000)
     p.add_argument("--val", type=int, default=500)
     p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--presets", default="cam,amr,amr-gtm")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--presets", default="cam,amr,amr-gtm,amr-official")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--scales", default="1.0,0.5,1.5")
     p.add_argument("--set", action="append", default=[], help="extra train-cam --set for every preset")
@@ -57,7 +59,9 @@ def main() -> None:
         t0 = time.perf_counter()
         if not (run_dir / "model.pt").exists():
             resume = ["--resume"] if (run_dir / "checkpoint.pt").exists() else []
-            run("train-cam", "--data", scenes, "--split", "train", "--preset", preset, "--out", run_dir, *recipe, *resume)
+            init = ["--init-spotlight", out / "run-cam"] if preset == "amr-official" else []
+            run("train-cam", "--data", scenes, "--split", "train", "--preset", preset, "--out", run_dir, *recipe,
+                *init, *resume)
         train_s = time.perf_counter() - t0
         run("make-cam", "--run", run_dir, "--data", scenes, "--split", "val", "--out", cams, "--scales", a.scales,
             "--save-branches")

@@ -11,7 +11,6 @@ Usage: python bench/speed.py [--images 32] [--size 128] [--out bench/out/speed.m
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import tempfile
 import time

@@ -12,7 +12,7 @@ echo "== 1/6 building Fashion-MNIST scenes in $OUT/scenes"
 echo "== 2/6 pretraining a small backbone (the CPU stand-in for ImageNet)"
 [ -f "$OUT/backbone.pt" ] || amrseg pretrain-backbone --out "$OUT/backbone.pt" --backbone resnet18 --base-width 32 \
     --epochs 1 --items 16000 --size 96
-SMALL=(--backbone resnet18 --base-width 32 --pretrained "$OUT/backbone.pt" --crop 128 --batch-size 16)
+SMALL=(--backbone resnet18 --base-width 32 --pretrained "$OUT/backbone.pt" --crop 128 --batch-size 16 --lr 0.05)
 echo "== 3/6 training AMR"
 if [ -f "$OUT/amr/model.pt" ]; then :
 elif [ -f "$OUT/amr/checkpoint.pt" ]; then

@@ -288,8 +288,8 @@ def make_cams(run: Path, data: str, split: str, out: Path, icfg: InferConfig, sh
     batches = _size_batches(dataset, pending, icfg.batch_size)
     loader = torch.utils.data.DataLoader(_ImageSet(dataset, pending), batch_sampler=batches, num_workers=2)
     labels = dataset.labels
-    with progress(total=len(pending), enabled=show_progress and dist_info.is_main if show_progress is not None
-                  else None, desc=f"make-cam {icfg.method}", unit="img") as bar:
+    with progress(total=len(pending), enabled=show_progress if dist_info.is_main else False,
+                  desc=f"make-cam {icfg.method}", unit="img") as bar:
         for images, index in loader:
             images = images.to(device)
             keys = []

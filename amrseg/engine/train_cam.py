@@ -202,8 +202,8 @@ def train_cam(cfg: Config, out: Path, resume: bool = False, show_progress: Optio
                                "config": to_dict(cfg)}, ckpt_path)
 
     start_step, stopped = step, False
-    bar = progress(total=total_steps, initial=step, enabled=show_progress and dist_info.is_main
-                   if show_progress is not None else None, desc=f"train-cam {cfg.preset}", unit="step")
+    bar = progress(total=total_steps, initial=step, enabled=show_progress if dist_info.is_main else False,
+                   desc=f"train-cam {cfg.preset}", unit="step")
     window: dict = {}
     t0, seen = time.perf_counter(), 0
     model.train()
