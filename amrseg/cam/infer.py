@@ -210,9 +210,7 @@ def cams_for_batch(model: AMRNet, images: torch.Tensor, keys: list[Optional[torc
             continue
         with torch.inference_mode():
             out = _branch_maps(model, x, icfg.method)
-        if any(k is None for k in keys):
-            logits = torch.stack([lg for _, lg in out.values()]).mean(0)
-            _fill_keys(logits[:B] + logits[B:], keys, icfg, scale_two=True)
+        _fill_keys(out, keys, icfg)
         for name, (maps, _) in out.items():
             maps = maps[:B] + maps[B:].flip(-1)
             for b in range(B):
@@ -233,9 +231,17 @@ def cams_for_batch(model: AMRNet, images: torch.Tensor, keys: list[Optional[torc
     return results
 
 
-def _fill_keys(logits2: torch.Tensor, keys: list, icfg: InferConfig, scale_two: bool = False) -> None:
-    """Predicted classes for the images whose keys are None (logits2 = image + flip logits)."""
-    scores = torch.sigmoid(logits2 / 2 if scale_two else logits2)
+def _fill_keys(out: dict[str, tuple[torch.Tensor, torch.Tensor]], keys: list, icfg: InferConfig) -> None:
+    """Predicted classes for the images whose keys are None.
+
+    `out` is _branch_maps of [images, flipped images]; the score is the sigmoid of the logits
+    averaged over branches and over each image and its flip.
+    """
+    if all(k is not None for k in keys):
+        return
+    B = len(keys)
+    logits = torch.stack([lg for _, lg in out.values()]).mean(0)
+    scores = torch.sigmoid((logits[:B] + logits[B:]) / 2)
     for b, k in enumerate(keys):
         if k is None:
             picked = torch.nonzero(scores[b] > icfg.score_threshold).flatten()
@@ -245,10 +251,7 @@ def _fill_keys(logits2: torch.Tensor, keys: list, icfg: InferConfig, scale_two: 
 def _resolve_keys(model: AMRNet, x2: torch.Tensor, keys: list, icfg: InferConfig) -> None:
     if any(k is None for k in keys):
         with torch.inference_mode():
-            out = _branch_maps(model, x2, "cam")
-        logits = torch.stack([lg for _, lg in out.values()]).mean(0)
-        B = len(keys)
-        _fill_keys(logits[:B] + logits[B:], keys, icfg, scale_two=True)
+            _fill_keys(_branch_maps(model, x2, "cam"), keys, icfg)
 
 
 # --------------------------------------------------------------------------- the stage

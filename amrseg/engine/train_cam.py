@@ -8,7 +8,6 @@ when the run is interrupted (Ctrl-C / SIGTERM) between two steps.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import os
 import signal
 import time
