@@ -36,6 +36,7 @@ class ModelConfig:
 @dataclass
 class AMMConfig:
     placement: str = "stage"  # stage: after each stage (paper) | block: every bottleneck (release)
+    stages: list = field(default_factory=lambda: [1, 2, 3, 4])  # which of layer1..4 carry AMMs
     gaussian: str = "unit"  # unit: exp(-(z-mu)^2 / 2 sigma^2), peak 1 | pdf: divided by sqrt(2 pi) sigma
     stats: str = "sample"  # sample: mu, sigma per image | batch: over the batch tensor (release)
     threshold: Optional[float] = None  # Gaussian threshold modulation tau; None = off
@@ -194,6 +195,9 @@ def validate(cfg: Config) -> None:
             raise AmrsegError(f"config key '{name}': {value!r} is not one of {', '.join(valid)}")
     if len(cfg.model.strides) != 4 or any(s not in (1, 2) for s in cfg.model.strides):
         raise AmrsegError(f"config key 'model.strides': expected 4 strides of 1 or 2, got {cfg.model.strides}")
+    if not cfg.amm.stages or any(s not in (1, 2, 3, 4) for s in cfg.amm.stages) \
+            or len(set(cfg.amm.stages)) != len(cfg.amm.stages):
+        raise AmrsegError(f"config key 'amm.stages': expected distinct stage numbers from 1..4, got {cfg.amm.stages}")
     if len(cfg.data.scale_range) != 2 or not 0 < cfg.data.scale_range[0] <= cfg.data.scale_range[1]:
         raise AmrsegError(f"config key 'data.scale_range': expected [lo, hi] with 0 < lo <= hi")
     positive = {

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from amrseg.config import load_preset, merge
+from amrseg.config import load_preset, merge, resolve
 from amrseg.errors import AmrsegError
 from amrseg.models.amm import AMM
 from amrseg.models.amr import AMRNet, build_model
@@ -215,3 +215,17 @@ def test_unknown_freeze_name():
         build_model(config("amr", freeze_compensation=["layer5"]), K)
     with pytest.raises(AmrsegError, match="model.freeze_compensation"):
         build_model(config("cam", freeze_compensation=["layer1"]), K)
+
+
+def test_amm_stages_select_where_amms_go():
+    cfg = resolve("amr", {"model": {"base_width": 8, "backbone": "resnet18", "pretrained": "none"}}, ["amm.stages=[1, 2, 3]"])
+    model = AMRNet(cfg.model, cfg.amm, K)
+    kinds = [type(m) for m in model.compensation.amms]
+    assert kinds == [AMM, AMM, AMM, nn.Identity]
+    cfg = resolve("amr", {"model": {"base_width": 8, "backbone": "resnet18", "pretrained": "none"}}, ["amm.placement=block", "amm.stages=[3, 4]"])
+    model = AMRNet(cfg.model, cfg.amm, K)
+    has = [[hasattr(b, "amm") for b in layer] for layer in model.compensation.backbone.stages()]
+    assert has == [[False, False], [False, False], [True, True], [True, True]]
+    for bad in ("[]", "[0, 1]", "[2, 2]"):
+        with pytest.raises(AmrsegError, match="amm.stages"):
+            resolve("amr", {}, [f"amm.stages={bad}"])

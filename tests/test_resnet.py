@@ -133,11 +133,11 @@ def test_fixed_batchnorm():
 
 def test_block_amm_hook():
     cfg = AMMConfig()
-    model = build_resnet("resnet18", base_width=8, block_amm=lambda c: AMM(c, cfg))
+    model = build_resnet("resnet18", base_width=8, block_amm=lambda c, i: AMM(c, cfg))
     blocks = [b for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for b in layer]
     assert [b.amm.channel.mlp[0].in_features for b in blocks] == [8, 8, 16, 16, 32, 32, 64, 64]
     assert not hasattr(build_resnet("resnet18", base_width=8).layer1[0], "amm")
-    big = build_resnet("resnet50", base_width=8, block_amm=lambda c: AMM(c, cfg))
+    big = build_resnet("resnet50", base_width=8, block_amm=lambda c, i: AMM(c, cfg))
     assert big.layer3[2].amm.channel.mlp[2].out_features == 128
     # The AMM sees the residual branch after bn3, before the shortcut addition.
     block = big.layer1[1].eval()
@@ -227,7 +227,7 @@ def test_load_pretrained_wrong_shape(tmp_path, ckpt):
 def test_load_pretrained_into_block_amm_model(tmp_path, ckpt):
     path = tmp_path / "r18.pth"
     torch.save(ckpt, path)
-    model = build_resnet("resnet18", block_amm=lambda c: AMM(c, AMMConfig()))
+    model = build_resnet("resnet18", block_amm=lambda c, i: AMM(c, AMMConfig()))
     amm_before = model.layer2[1].amm.channel.mlp[0].weight.clone()
     load_pretrained(model, str(path), "resnet18")
     assert torch.equal(model.layer2[1].conv2.weight, ckpt["layer2.1.conv2.weight"])
@@ -279,3 +279,28 @@ def test_load_pretrained_url(monkeypatch, ckpt):
     with pytest.raises(AmrsegError, match="download it yourself and pass --pretrained PATH") as err:
         load_pretrained(model, "https://example.invalid/w.pth", "resnet18")
     assert "https://example.invalid/w.pth" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_dilation_keeps_keys_and_sets_output_stride():
+    plain = build_resnet("resnet50", base_width=8).eval()
+    deeplab = build_resnet("resnet50", base_width=8, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4)).eval()
+    deeplab.load_state_dict(plain.state_dict(), strict=True)  # same names: ImageNet weights load
+    assert deeplab.output_stride == 8
+    x = torch.randn(1, 3, 64, 64)
+    assert deeplab(x).shape[-2:] == (8, 8)
+    conv = deeplab.layer4[1].conv2
+    assert conv.dilation == (4, 4) and conv.padding == (4, 4)
+    # A dilated 3x3 conv sees taps 4 pixels apart: a single impulse spreads to them only.
+    probe = torch.zeros(1, conv.in_channels, 17, 17)
+    probe[0, :, 8, 8] = 1
+    with torch.no_grad():
+        hit = conv(probe).abs().sum(dim=(0, 1)) > 0
+    assert {(int(r), int(c)) for r, c in torch.nonzero(hit)} == {(r, c) for r in (4, 8, 12) for c in (4, 8, 12)}
+    with pytest.raises(AmrsegError, match="dilations"):
+        build_resnet("resnet18", dilations=(1, 1, 0, 1))
+
+
+def test_block_amm_hook_per_stage():
+    cfg = AMMConfig()
+    model = build_resnet("resnet18", base_width=8, block_amm=lambda c, i: AMM(c, cfg) if i >= 2 else None)
+    assert not hasattr(model.layer2[1], "amm") and hasattr(model.layer3[0], "amm") and hasattr(model.layer4[1], "amm")

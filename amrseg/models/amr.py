@@ -26,7 +26,7 @@ class CAMBranch(nn.Module):
     Args:
         backbone: the ResNet.
         num_classes: K foreground classes.
-        amms: 4 modules applied after layer1..4, or None.
+        amms: 4 modules applied after layer1..4 (nn.Identity where a stage has none), or None.
     """
 
     def __init__(self, backbone: ResNet, num_classes: int, amms: Optional[nn.ModuleList] = None):
@@ -74,12 +74,15 @@ class AMRNet(nn.Module):
         self.spotlight = CAMBranch(backbone(), num_classes)
         self.compensation: Optional[CAMBranch] = None
         if model_cfg.compensation:
+            stages = set(amm_cfg.stages)
             if amm_cfg.placement == "stage":
                 net = backbone()
-                amms = nn.ModuleList(AMM(c, amm_cfg) for c in net.stage_channels)
+                amms = nn.ModuleList(AMM(c, amm_cfg) if i + 1 in stages else nn.Identity()
+                                     for i, c in enumerate(net.stage_channels))
                 self.compensation = CAMBranch(net, num_classes, amms)
             elif amm_cfg.placement == "block":
-                self.compensation = CAMBranch(backbone(lambda c: AMM(c, amm_cfg)), num_classes)
+                block_amm = lambda c, i: AMM(c, amm_cfg) if i + 1 in stages else None  # noqa: E731
+                self.compensation = CAMBranch(backbone(block_amm), num_classes)
             else:
                 raise AmrsegError(f"config key 'amm.placement': {amm_cfg.placement!r} is not one of stage, block")
         self.freeze(model_cfg)

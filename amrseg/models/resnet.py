@@ -2,8 +2,9 @@
 
 Our own implementation (torchvision is not a dependency), laid out so that torchvision's ImageNet
 checkpoints load strictly: same module tree, same parameter and buffer names, no `fc` layer.
-Two WSSS knobs torchvision lacks: per-stage strides *without* dilation (AMR.md section 1: layer4
-stride 1 gives output stride 16) and an optional AMM hook inside every residual block (the
+Knobs torchvision lacks: per-stage strides *without* dilation (AMR.md section 1: layer4 stride 1
+gives output stride 16), per-stage dilations (DeepLab-v2: layer3 and layer4 at stride 1 with
+dilation 2 and 4, output stride 8), and an optional AMM hook inside every residual block (the
 authors' release placement).
 """
 from __future__ import annotations
@@ -40,8 +41,8 @@ class FixedBatchNorm2d(nn.BatchNorm2d):
                             training=False, momentum=0.0, eps=self.eps)
 
 
-def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+def _conv3x3(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
 
 
 def _conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -54,12 +55,13 @@ class BasicBlock(nn.Module):
     expansion = 1
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
-                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d, amm: Optional[nn.Module] = None):
+                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d, amm: Optional[nn.Module] = None,
+                 dilation: int = 1):
         super().__init__()
-        self.conv1 = _conv3x3(inplanes, planes, stride)
+        self.conv1 = _conv3x3(inplanes, planes, stride, dilation)
         self.bn1 = norm_layer(planes)
         self.relu = nn.ReLU(inplace=True)
-        self.conv2 = _conv3x3(planes, planes)
+        self.conv2 = _conv3x3(planes, planes, 1, dilation)
         self.bn2 = norm_layer(planes)
         self.downsample = downsample
         if amm is not None:  # only registered when given: a plain block has no extra keys
@@ -81,11 +83,12 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
-                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d, amm: Optional[nn.Module] = None):
+                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d, amm: Optional[nn.Module] = None,
+                 dilation: int = 1):
         super().__init__()
         self.conv1 = _conv1x1(inplanes, planes)
         self.bn1 = norm_layer(planes)
-        self.conv2 = _conv3x3(planes, planes, stride)
+        self.conv2 = _conv3x3(planes, planes, stride, dilation)
         self.bn2 = norm_layer(planes)
         self.conv3 = _conv1x1(planes, planes * self.expansion)
         self.bn3 = norm_layer(planes * self.expansion)
@@ -115,9 +118,11 @@ class ResNet(nn.Module):
     Args:
         depth: 18, 34, 50 or 101.
         base_width: stem width; stage widths are base_width * (1, 2, 4, 8) (x4 for bottlenecks).
-        strides: strides of layer1..4; stride 1 never means dilation.
+        strides: strides of layer1..4; stride 1 alone never means dilation.
         norm_layer: builds the norm layer from a channel count (FixedBatchNorm2d for fixed BN).
-        block_amm: when given, builds the AMM of each residual block from its output channels.
+        block_amm: when given, builds the AMM of each residual block from its output channels and
+            stage index (0..3); it may return None to leave a stage's blocks plain.
+        dilations: dilation of the 3x3 convs of layer1..4 (DeepLab: 1, 1, 2, 4 with strides 1, 2, 1, 1).
 
     Attributes:
         stage_channels: output channels of layer1..4. out_channels: those of layer4.
@@ -126,12 +131,15 @@ class ResNet(nn.Module):
 
     def __init__(self, depth: int, base_width: int = 64, strides: Sequence[int] = (1, 2, 2, 1),
                  norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
-                 block_amm: Optional[Callable[[int], nn.Module]] = None):
+                 block_amm: Optional[Callable[[int, int], Optional[nn.Module]]] = None,
+                 dilations: Sequence[int] = (1, 1, 1, 1)):
         super().__init__()
         if depth not in _DEPTHS:
             raise AmrsegError(f"ResNet depth {depth}: not one of {', '.join(map(str, _DEPTHS))}")
         if len(strides) != 4:
             raise AmrsegError(f"ResNet strides {list(strides)}: expected 4 (layer1..4)")
+        if len(dilations) != 4 or any(int(d) < 1 for d in dilations):
+            raise AmrsegError(f"ResNet dilations {list(dilations)}: expected 4 positive values (layer1..4)")
         block, counts = _DEPTHS[depth]
         self.depth, self.base_width = depth, base_width
         self.conv1 = nn.Conv2d(3, base_width, 7, stride=2, padding=3, bias=False)
@@ -140,9 +148,10 @@ class ResNet(nn.Module):
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         inplanes = base_width
         self.stage_channels = []
-        for i, (n, stride) in enumerate(zip(counts, strides)):
+        for i, (n, stride, dilation) in enumerate(zip(counts, strides, dilations)):
             planes = base_width * 2 ** i
-            layer = self._make_layer(block, inplanes, planes, n, int(stride), norm_layer, block_amm)
+            amm = None if block_amm is None else (lambda c, i=i: block_amm(c, i))
+            layer = self._make_layer(block, inplanes, planes, n, int(stride), norm_layer, amm, int(dilation))
             setattr(self, f"layer{i + 1}", layer)
             inplanes = planes * block.expansion
             self.stage_channels.append(inplanes)
@@ -157,7 +166,7 @@ class ResNet(nn.Module):
 
     @staticmethod
     def _make_layer(block, inplanes: int, planes: int, n: int, stride: int, norm_layer,
-                    block_amm) -> nn.Sequential:
+                    block_amm, dilation: int = 1) -> nn.Sequential:
         out = planes * block.expansion
         downsample = None
         if stride != 1 or inplanes != out:
@@ -166,9 +175,9 @@ class ResNet(nn.Module):
         for j in range(n):
             amm = block_amm(out) if block_amm is not None else None
             if j == 0:
-                layers.append(block(inplanes, planes, stride, downsample, norm_layer, amm))
+                layers.append(block(inplanes, planes, stride, downsample, norm_layer, amm, dilation))
             else:
-                layers.append(block(out, planes, 1, None, norm_layer, amm))
+                layers.append(block(out, planes, 1, None, norm_layer, amm, dilation))
         return nn.Sequential(*layers)
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
@@ -187,13 +196,14 @@ class ResNet(nn.Module):
 
 
 def build_resnet(name: str, base_width: int = 64, strides: Sequence[int] = (1, 2, 2, 1),
-                 fixed_bn: bool = False, block_amm: Optional[Callable[[int], nn.Module]] = None) -> ResNet:
+                 fixed_bn: bool = False, block_amm: Optional[Callable[[int, int], Optional[nn.Module]]] = None,
+                 dilations: Sequence[int] = (1, 1, 1, 1)) -> ResNet:
     """Builds `name` (resnet18/34/50/101); fixed_bn selects FixedBatchNorm2d for every backbone BN."""
     names = {f"resnet{d}": d for d in _DEPTHS}
     if name not in names:
         raise AmrsegError(f"backbone {name!r}: unknown (valid: {', '.join(names)})")
     norm = FixedBatchNorm2d if fixed_bn else nn.BatchNorm2d
-    return ResNet(names[name], base_width, strides, norm, block_amm)
+    return ResNet(names[name], base_width, strides, norm, block_amm, dilations)
 
 
 # --------------------------------------------------------------------------- weights
