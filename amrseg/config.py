@@ -77,6 +77,9 @@ class TrainConfig:
 
 @dataclass
 class Config:
+    """A train-cam run."""
+
+    kind: str = "cam"
     preset: str = "amr"
     data_root: str = ""
     split: str = "train_aug"
@@ -85,6 +88,60 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class BackboneConfig:
+    """The backbone of an IRN or DeepLab run."""
+
+    backbone: str = "resnet50"
+    base_width: int = 64
+    pretrained: str = "imagenet"  # imagenet | PATH | URL | none | a train-cam RUN (its spotlight backbone)
+    fixed_bn: bool = True  # only with pretrained weights (from scratch every BN learns)
+
+
+@dataclass
+class IRNModelConfig(BackboneConfig):
+    strides: list = field(default_factory=lambda: [1, 2, 2, 1])  # IRN: stem /4, layer2, layer3 /2: OS 16
+    radius: int = 10  # affinity pairs within this radius at stride 4 (AMR.md section 7)
+
+
+@dataclass
+class IRNConfig:
+    """A train-irn run: boundary + displacement branches on frozen backbone features (IRN)."""
+
+    kind: str = "irn"
+    data_root: str = ""
+    split: str = "train_aug"
+    ir_labels: str = ""  # folder of IR label PNGs (pseudo-labels --method crf)
+    model: IRNModelConfig = field(default_factory=IRNModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, lr=0.1, new_lr_mult=10.0))
+
+
+@dataclass
+class SegModelConfig(BackboneConfig):
+    backbone: str = "resnet101"
+    output_stride: int = 8  # 8: layer3, layer4 dilated 2, 4 (DeepLab-v2) | 16: layer4 dilated 2
+    aspp_rates: list = field(default_factory=lambda: [6, 12, 18, 24])
+
+
+@dataclass
+class SegConfig:
+    """A train-seg run: DeepLab-v2 on pseudo masks (AMR.md section 7)."""
+
+    kind: str = "seg"
+    data_root: str = ""
+    split: str = "train_aug"
+    labels: str = ""  # folder of pseudo-mask PNGs, 255 ignored
+    model: SegModelConfig = field(default_factory=SegModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(scale_range=[0.5, 1.5], crop=321))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=20, batch_size=10, lr=2.5e-4,
+                                                                   weight_decay=5e-4))
+
+
+RUN_KINDS = {"cam": Config, "irn": IRNConfig, "seg": SegConfig}
+_MAKERS = {"cam": "train-cam", "irn": "train-irn", "seg": "train-seg"}
 
 
 # --------------------------------------------------------------------------- merging
@@ -181,6 +238,9 @@ def resolve(preset: str, flags: dict, overrides: list[str]) -> Config:
     return cfg
 
 
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+
 def validate(cfg: Config) -> None:
     choices = {
         "model.backbone": (cfg.model.backbone, ("resnet18", "resnet34", "resnet50", "resnet101")),
@@ -216,8 +276,25 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def load_run_config(run_dir: Path) -> Config:
+def run_kind(run_dir: Path, expected: str, flag: str = "--run") -> str:
+    """Checks that run_dir holds a run of the expected kind (cam, irn or seg); one-line error if not."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
-        raise AmrsegError(f"{run_dir}: not a train-cam run directory (no config.yaml)")
-    return merge(Config(), read_yaml(path))
+        raise AmrsegError(f"{flag} {run_dir}: not a {_MAKERS[expected]} run directory (no config.yaml)")
+    kind = read_yaml(path).get("kind", "cam")
+    if kind != expected:
+        raise AmrsegError(f"{flag} {run_dir}: a {_MAKERS.get(kind, kind)} run, expected a {_MAKERS[expected]} run")
+    return kind
+
+
+def load_run_config(run_dir: Path, kind: str = "cam"):
+    """The saved config of a run directory, as its dataclass; the run must be of `kind`."""
+    run_kind(run_dir, kind)
+    return merge(RUN_KINDS[kind](), read_yaml(Path(run_dir) / "config.yaml"))
+
+
+def check_choices(**values) -> None:
+    """check_choices(**{"model.backbone": (value, valid)}): one-line error for a value not in valid."""
+    for name, (value, valid) in values.items():
+        if value not in valid:
+            raise AmrsegError(f"config key '{name}': {value!r} is not one of {', '.join(map(str, valid))}")

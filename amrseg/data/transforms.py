@@ -7,13 +7,18 @@ canvas, a large one is cut at a random offset).
 """
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import numpy as np
 import torch
 from PIL import Image
 
 from ..config import DataConfig
-from .voc import SegData
+from ..errors import AmrsegError
+from .voc import SegData, read_mask
 
+IGNORE = 255
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -29,47 +34,64 @@ def normalize(img: np.ndarray) -> torch.Tensor:
     return x.sub_(mean).div_(std)
 
 
-def resize_long(img: np.ndarray, long_side: int) -> np.ndarray:
-    """Bicubic resize (PIL) so that max(H, W) == long_side, keeping the aspect ratio."""
+def resize_long(img: np.ndarray, long_side: int, nearest: bool = False) -> np.ndarray:
+    """Resize (PIL; bicubic, or nearest for label maps) so that max(H, W) == long_side, keeping the aspect."""
     h, w = img.shape[:2]
     scale = long_side / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))  # PIL takes (W, H)
-    return np.asarray(Image.fromarray(img).resize(size, Image.BICUBIC))
+    return np.asarray(Image.fromarray(img).resize(size, Image.NEAREST if nearest else Image.BICUBIC))
 
 
-def random_crop(x: torch.Tensor, crop: int, rng: np.random.Generator) -> torch.Tensor:
-    """crop x crop window of a CxHxW tensor; zero-padded where the image is smaller.
+def random_crop(x: torch.Tensor, crop: int, rng: np.random.Generator, fill: float = 0) -> torch.Tensor:
+    """crop x crop window of a [C x] H x W tensor; padded with `fill` where the image is smaller.
 
     Along each axis independently: if the image is longer than the crop, a random window of the
-    image is taken; otherwise the whole image is placed at a random offset in the zero canvas.
+    image is taken; otherwise the whole image is placed at a random offset in the canvas.
     """
-    c, h, w = x.shape
-    out = x.new_zeros((c, crop, crop))
+    h, w = x.shape[-2:]
+    out = x.new_full((*x.shape[:-2], crop, crop), fill)
     ch, cw = min(crop, h), min(crop, w)
     # Offsets: (into the image, into the canvas); one of each pair is 0.
     img_top, box_top = (int(rng.integers(h - crop + 1)), 0) if h > crop else (0, int(rng.integers(crop - h + 1)))
     img_left, box_left = (int(rng.integers(w - crop + 1)), 0) if w > crop else (0, int(rng.integers(crop - w + 1)))
-    out[:, box_top:box_top + ch, box_left:box_left + cw] = x[:, img_top:img_top + ch, img_left:img_left + cw]
+    out[..., box_top:box_top + ch, box_left:box_left + cw] = x[..., img_top:img_top + ch, img_left:img_left + cw]
     return out
 
 
-def train_transform(img: np.ndarray, rng: np.random.Generator, cfg: DataConfig) -> torch.Tensor:
-    """The training augmentation of AMR.md section 4.
+def train_transform(img: np.ndarray, rng: np.random.Generator, cfg: DataConfig,
+                    label: Optional[np.ndarray] = None):
+    """The training augmentation of AMR.md section 4, optionally applied alike to a label map.
 
     Args:
         img: HxWx3 uint8 RGB.
         rng: the only source of randomness (draws: long side, flip, crop offsets).
         cfg: scale_range (long side / crop), crop, hflip.
+        label: optional HxW uint8 label map (pseudo mask, IR label): resized nearest, flipped and
+            cropped with the image, padded with 255 (ignore).
 
     Returns:
-        [3, crop, crop] float32, normalised, zero outside the placed image.
+        [3, crop, crop] float32, normalised, zero outside the placed image; with `label`, the pair
+        (image, [crop, crop] int64 label).
     """
+    if label is not None and label.shape != img.shape[:2]:
+        raise ValueError(f"label map {label.shape} does not match the image {img.shape[:2]}")
     lo, hi = (round(s * cfg.crop) for s in cfg.scale_range)
     long_side = int(rng.integers(max(1, lo), max(1, hi) + 1))
     img = resize_long(img, long_side)
-    if cfg.hflip and rng.random() < 0.5:
+    flip = cfg.hflip and rng.random() < 0.5
+    if flip:
         img = img[:, ::-1]
-    return random_crop(normalize(img), cfg.crop, rng)
+    if label is None:
+        return random_crop(normalize(img), cfg.crop, rng)
+    label = resize_long(label, long_side, nearest=True)
+    if flip:
+        label = label[:, ::-1]
+    # One crop draw places image and label alike: stack the label (and a mask of the placed image)
+    # as extra channels. The canvas is 0 for the image and 255 (ignore) for the label.
+    lab = torch.from_numpy(np.ascontiguousarray(label, dtype=np.float32))[None]
+    both = random_crop(torch.cat([normalize(img), lab, torch.ones_like(lab)]), cfg.crop, rng)
+    label_out = torch.where(both[4] > 0, both[3], torch.full_like(both[3], IGNORE)).long()
+    return both[:3], label_out
 
 
 class CamTrainDataset(torch.utils.data.Dataset):
@@ -99,3 +121,48 @@ class CamTrainDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, int(i)])
         image = train_transform(self.data.load_image(i), rng, self.cfg)
         return image, self.labels[i], int(i)
+
+
+def check_label_dir(folder: Path, data: SegData, flag: str = "--labels") -> list[Path]:
+    """The label PNG of every image of `data` in `folder` (<id>.png); one-line error when any is missing."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise AmrsegError(f"{flag} {folder}: not a directory")
+    present = {p.name for p in folder.iterdir()}
+    missing = [i for i in data.ids if f"{i}.png" not in present]
+    if missing:
+        raise AmrsegError(f"{flag} {folder}: no label for {len(missing)} of the {len(data)} images of the split "
+                          f"(first: {missing[0]}.png); run pseudo-labels for this split first")
+    return [folder / f"{i}.png" for i in data.ids]
+
+
+class LabelTrainDataset(torch.utils.data.Dataset):
+    """(augmented image, label map, index) for training on pseudo masks or IR labels.
+
+    The label map gets the image's resize (nearest), flip and crop, with 255 outside the placed
+    image; `label_stride` > 1 then keeps every label_stride-th pixel (IRN trains at stride 4).
+    Randomness as in CamTrainDataset: a function of (seed, epoch, index).
+    """
+
+    def __init__(self, data: SegData, label_dir: Path, cfg: DataConfig, seed: int, label_stride: int = 1,
+                 flag: str = "--labels") -> None:
+        self.data, self.cfg, self.seed, self.epoch = data, cfg, int(seed), 0
+        self.label_paths = check_label_dir(label_dir, data, flag)
+        self.label_stride = int(label_stride)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+        img = self.data.load_image(i)
+        label = read_mask(self.label_paths[i])
+        if label.shape != img.shape[:2]:
+            raise AmrsegError(f"{self.label_paths[i]}: label size {label.shape} differs from the image's "
+                              f"{img.shape[:2]}")
+        image, label = train_transform(img, rng, self.cfg, label)
+        s = self.label_stride
+        return image, label[s // 2::s, s // 2::s] if s > 1 else label, int(i)
