@@ -49,29 +49,40 @@ def cmd_pretrain_backbone(a) -> int:
     return 0
 
 
+def _train_flags(a, sections: dict) -> dict:
+    """Nested config dict of the flags given on the command line (None = not given)."""
+    flags: dict = {}
+    for section, values in sections.items():
+        given = {k: v for k, v in values.items() if v is not None}
+        if given:
+            flags[section] = given
+    pretrained = getattr(a, "pretrained", None)
+    if pretrained not in (None, "none", "imagenet") and "://" not in pretrained:
+        flags.setdefault("model", {})["pretrained"] = str(Path(pretrained).resolve())
+    return flags
+
+
+def _finish_training(summary: dict, command: str) -> int:
+    print(json.dumps(summary))
+    if not summary["finished"]:
+        print(f"stopped at step {summary['step']}/{summary['total_steps']}; run the same {command} command with "
+              f"--resume to finish", file=sys.stderr)
+        return 130
+    return 0
+
+
 def cmd_train_cam(a) -> int:
     from .config import resolve
     from .engine.train_cam import train_cam
 
-    flags: dict = {"data_root": str(Path(a.data).resolve()), "split": a.split}
-    model = {"backbone": a.backbone, "base_width": a.base_width, "pretrained": a.pretrained,
-             "init_spotlight": str(Path(a.init_spotlight).resolve()) if a.init_spotlight else None}
-    train = {"epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr, "device": a.device, "seed": a.seed}
-    for section, values in (("model", model), ("train", train), ("data", {"crop": a.crop})):
-        given = {k: v for k, v in values.items() if v is not None}
-        if given:
-            flags[section] = given
-    if model["pretrained"] not in (None, "none", "imagenet") and "://" not in a.pretrained:
-        flags["model"]["pretrained"] = str(Path(a.pretrained).resolve())
+    flags = _train_flags(a, {
+        "model": {"backbone": a.backbone, "base_width": a.base_width, "pretrained": a.pretrained,
+                  "init_spotlight": str(Path(a.init_spotlight).resolve()) if a.init_spotlight else None},
+        "train": {"epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr, "device": a.device, "seed": a.seed},
+        "data": {"crop": a.crop}})
+    flags.update({"data_root": str(Path(a.data).resolve()), "split": a.split})
     cfg = resolve(a.preset, flags, a.set)
-    summary = train_cam(cfg, Path(a.out), resume=a.resume)
-    if not summary["finished"]:
-        print(f"stopped at step {summary['step']}/{summary['total_steps']}; run the same command with --resume "
-              f"to finish", file=sys.stderr)
-        print(json.dumps(summary))
-        return 130
-    print(json.dumps(summary))
-    return 0
+    return _finish_training(train_cam(cfg, Path(a.out), resume=a.resume), "train-cam")
 
 
 def cmd_make_cam(a) -> int:
@@ -119,6 +130,47 @@ def cmd_visualize(a) -> int:
     for w in warnings:
         print(f"amrseg: warning: {w}", file=sys.stderr)
     print(json.dumps({"index": str(index), "threshold": threshold}))
+    return 0
+
+
+def cmd_train_seg(a) -> int:
+    from .config import resolve_run
+    from .engine.train_seg import train_seg
+
+    flags = _train_flags(a, {
+        "model": {"backbone": a.backbone, "base_width": a.base_width, "pretrained": a.pretrained},
+        "train": {"epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr, "device": a.device, "seed": a.seed},
+        "data": {"crop": a.crop}})
+    flags.update({"data_root": str(Path(a.data).resolve()), "split": a.split, "labels": str(Path(a.labels).resolve())})
+    cfg = resolve_run("seg", flags, a.set)
+    return _finish_training(train_seg(cfg, Path(a.out), resume=a.resume), "train-seg")
+
+
+def cmd_eval_seg(a) -> int:
+    from .data.voc import open_dataset
+    from .fileio import write_text
+    from .segment import eval_pred_dir, eval_run
+
+    if (a.pred is None) == (a.run is None):
+        raise AmrsegError("--pred and --run: give exactly one of them")
+    data = open_dataset(a.data, a.split, require_labels=False)
+    if a.pred:
+        result = eval_pred_dir(Path(a.pred), data)
+    else:
+        result = eval_run(Path(a.run), data, _floats(a.scales, "--scales"), device=a.device, crf=a.crf,
+                          save=Path(a.save) if a.save else None)
+    text = json.dumps(result, indent=2)
+    if a.out:
+        write_text(a.out, text + "\n")
+    print(text)
+    return 0
+
+
+def cmd_predict(a) -> int:
+    from .segment import predict
+
+    print(json.dumps(predict(Path(a.run), Path(a.input), Path(a.out), fmt=a.format,
+                             scales=_floats(a.scales, "--scales"), crf=a.crf, device=a.device)))
     return 0
 
 
@@ -217,6 +269,48 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threshold", type=float, help="background threshold (default: the metrics' best, else 0.2)")
     s.add_argument("--metrics", help="eval-cam JSON: adds the mIoU and a per-class IoU chart")
     s.set_defaults(func=cmd_visualize)
+    s = sub.add_parser("train-seg", help="train DeepLab-v2 on pseudo masks (255 ignored)")
+    s.add_argument("--data", required=True)
+    s.add_argument("--labels", required=True, help="folder of pseudo-mask PNGs (<id>.png)")
+    s.add_argument("--split", required=True)
+    s.add_argument("--out", required=True, help="run directory")
+    s.add_argument("--backbone", choices=["resnet18", "resnet34", "resnet50", "resnet101"],
+                   help="default resnet101")
+    s.add_argument("--base-width", type=int)
+    s.add_argument("--pretrained", help="PATH | URL | imagenet | none (default imagenet)")
+    s.add_argument("--epochs", type=int)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--crop", type=int)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--seed", type=int)
+    s.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field by dotted name, e.g. --set model.output_stride=16")
+    s.set_defaults(func=cmd_train_seg)
+
+    s = sub.add_parser("eval-seg", help="score segmentation masks (a folder, or a train-seg run) against the masks")
+    s.add_argument("--pred", help="folder of predicted PNG masks (<id>.png)")
+    s.add_argument("--run", help="train-seg run: predict and score in one go")
+    s.add_argument("--data", required=True)
+    s.add_argument("--split", required=True)
+    s.add_argument("--scales", default="1.0", help="with --run: e.g. 1.0,0.5,1.5 (each with its flip)")
+    s.add_argument("--crf", action="store_true", help="with --run: refine with a dense CRF ('crf' extra)")
+    s.add_argument("--save", help="with --run: also write the masks here")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--out", help="write the JSON here too")
+    s.set_defaults(func=cmd_eval_seg)
+
+    s = sub.add_parser("predict", help="segment any JPEG/PNG images with a train-seg run")
+    s.add_argument("--run", required=True)
+    s.add_argument("--input", required=True, help="an image file or a folder of images")
+    s.add_argument("--out", required=True)
+    s.add_argument("--format", default="png", choices=["png", "voc-test"],
+                   help="png: masks + overlays; voc-test: the evaluation server's layout + tar.gz")
+    s.add_argument("--scales", default="1.0")
+    s.add_argument("--crf", action="store_true")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.set_defaults(func=cmd_predict)
     return p
 
 

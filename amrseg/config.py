@@ -241,6 +241,24 @@ def resolve(preset: str, flags: dict, overrides: list[str]) -> Config:
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 
 
+def resolve_run(kind: str, flags: dict, overrides: list[str]):
+    """Config of an irn or seg run: defaults, then flags (nested dict), then --set; validated."""
+    cfg = merge(merge(RUN_KINDS[kind](), flags), parse_set(overrides))
+    if cfg.kind != kind:
+        raise AmrsegError(f"config key 'kind': cannot be changed (this is a {_MAKERS[kind]} run)")
+    check_choices(**{"model.backbone": (cfg.model.backbone, BACKBONES),
+                     "train.amp": (cfg.train.amp, ("auto", "bf16", "fp16", "off")),
+                     "train.device": (cfg.train.device, ("auto", "cpu", "cuda"))})
+    if kind == "seg":
+        check_choices(**{"model.output_stride": (cfg.model.output_stride, (8, 16))})
+    positive = {"train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,
+                "train.lr": cfg.train.lr, "data.crop": cfg.data.crop, "model.base_width": cfg.model.base_width}
+    for name, value in positive.items():
+        if value <= 0:
+            raise AmrsegError(f"config key '{name}': must be positive, got {value}")
+    return cfg
+
+
 def validate(cfg: Config) -> None:
     choices = {
         "model.backbone": (cfg.model.backbone, ("resnet18", "resnet34", "resnet50", "resnet101")),

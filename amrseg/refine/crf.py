@@ -42,17 +42,8 @@ def crf_inference_label(
     Raises:
         AmrsegError: If pydensecrf is not installed or the inputs do not fit together.
     """
-    try:
-        import pydensecrf.densecrf as dcrf
-        from pydensecrf.utils import unary_from_labels
-    except ImportError:
-        raise AmrsegError(
-            "dense CRF needs the 'crf' extra: pip install 'amrseg[crf]' (pydensecrf2)"
-        ) from None
-    img = np.asarray(img)
+    img = _check_image(img)
     labels = np.asarray(labels)
-    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
-        raise AmrsegError(f"CRF image must be HxWx3 uint8, got {img.dtype} {img.shape}")
     h, w = img.shape[:2]
     if labels.shape != (h, w):
         raise AmrsegError(f"CRF labels shape {labels.shape} does not match image {(h, w)}")
@@ -65,15 +56,58 @@ def crf_inference_label(
     if n_labels < 2:
         # One label: nothing to decide (and unary_from_labels would divide by n_labels - 1 = 0).
         return np.zeros((h, w), dtype=np.int64)
+    from pydensecrf.utils import unary_from_labels
 
-    crf = dcrf.DenseCRF2D(w, h, n_labels)
     unary = unary_from_labels(labels.astype(np.int64), n_labels, gt_prob=gt_prob, zero_unsure=False)
-    crf.setUnaryEnergy(np.ascontiguousarray(unary))
+    return np.argmax(_mean_field(img, unary, n_labels, t), axis=0).astype(np.int64)
+
+
+def crf_inference_prob(img: np.ndarray, probs: np.ndarray, t: int = 10) -> np.ndarray:
+    """Dense CRF on class probabilities (segmentation post-processing), IRN's pairwise terms.
+
+    Args:
+        img: HxWx3 uint8 RGB image.
+        probs: [C, H, W] class probabilities (softmax), each pixel's summing to 1.
+        t: Mean-field iterations.
+
+    Returns:
+        [C, H, W] float32 refined marginals.
+    """
+    img = _check_image(img)
+    probs = np.asarray(probs, dtype=np.float32)
+    if probs.ndim != 3 or probs.shape[1:] != img.shape[:2]:
+        raise AmrsegError(f"CRF probabilities {probs.shape} do not match image {img.shape[:2]}")
+    unary = -np.log(np.clip(probs, 1e-8, 1.0)).reshape(probs.shape[0], -1)
+    return _mean_field(img, unary, probs.shape[0], t)
+
+
+def _check_image(img: np.ndarray) -> np.ndarray:
+    _densecrf()  # fail early with the install hint
+    img = np.asarray(img)
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        raise AmrsegError(f"CRF image must be HxWx3 uint8, got {img.dtype} {img.shape}")
+    return img
+
+
+def _densecrf():
+    try:
+        import pydensecrf.densecrf as dcrf
+    except ImportError:
+        raise AmrsegError(
+            "dense CRF needs the 'crf' extra: pip install 'amrseg[crf]' (pydensecrf2)"
+        ) from None
+    return dcrf
+
+
+def _mean_field(img: np.ndarray, unary: np.ndarray, n_labels: int, t: int) -> np.ndarray:
+    """[n_labels, H, W] marginals after t mean-field steps: Gaussian (sxy 3, compat 3) + bilateral (50, 5, 10)."""
+    h, w = img.shape[:2]
+    crf = _densecrf().DenseCRF2D(w, h, n_labels)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
     crf.addPairwiseGaussian(sxy=3, compat=3)
     # The C++ side reads the raw buffer: it must be C-contiguous uint8.
     crf.addPairwiseBilateral(sxy=50, srgb=5, rgbim=np.ascontiguousarray(img), compat=10)
-    q = np.asarray(crf.inference(t)).reshape(n_labels, h, w)
-    return np.argmax(q, axis=0).astype(np.int64)
+    return np.asarray(crf.inference(t), dtype=np.float32).reshape(n_labels, h, w)
 
 
 def ir_label(

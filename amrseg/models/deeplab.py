@@ -1,0 +1,85 @@
+"""DeepLab-v2 (Chen et al., TPAMI 2018): a dilated ResNet and ASPP, the segmentation net of AMR.md section 7.
+
+ASPP as in v2: four parallel 3x3 convolutions with dilations 6, 12, 18, 24 straight to the class
+scores, summed (no image pooling branch, no batch norm: that is v3). The backbone keeps
+torchvision's names, so ImageNet checkpoints load strictly.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import SegModelConfig
+from ..errors import AmrsegError
+from .resnet import ResNet, build_resnet, load_pretrained
+
+# output stride -> (strides, dilations) of layer1..4; the stem is /4.
+_LAYOUTS = {8: ((1, 2, 1, 1), (1, 1, 2, 4)), 16: ((1, 2, 2, 1), (1, 1, 1, 2))}
+
+
+class ASPP(nn.Module):
+    """Sum of parallel dilated 3x3 convs, each from the features straight to the class scores."""
+
+    def __init__(self, in_channels: int, num_classes: int, rates: Sequence[int]):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(in_channels, num_classes, 3, padding=r, dilation=r, bias=True)
+                                   for r in rates)
+        for conv in self.convs:
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(conv(x) for conv in self.convs)
+
+
+class DeepLabV2(nn.Module):
+    """Dilated ResNet + ASPP; forward gives class scores [B, C, h, w] at the output stride.
+
+    Args:
+        cfg: backbone, base width, fixed BN, output stride (8 or 16), ASPP rates.
+        num_classes: C, background included.
+    """
+
+    def __init__(self, cfg: SegModelConfig, num_classes: int):
+        super().__init__()
+        if cfg.output_stride not in _LAYOUTS:
+            raise AmrsegError(f"config key 'model.output_stride': {cfg.output_stride} is not one of 8, 16")
+        strides, dilations = _LAYOUTS[cfg.output_stride]
+        fixed = cfg.fixed_bn and cfg.pretrained != "none"
+        self.backbone: ResNet = build_resnet(cfg.backbone, cfg.base_width, strides, fixed, dilations=dilations)
+        self.aspp = ASPP(self.backbone.out_channels, num_classes, cfg.aspp_rates)
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.aspp(self.backbone(x))
+
+    def param_groups(self, lr: float, new_lr_mult: float, weight_decay: float) -> list[dict]:
+        """Backbone at lr, the new ASPP layers at lr * new_lr_mult (DeepLab: 10x)."""
+        groups = [("backbone", list(self.backbone.parameters()), lr),
+                  ("aspp", list(self.aspp.parameters()), lr * new_lr_mult)]
+        return [{"params": ps, "lr": g_lr, "initial_lr": g_lr, "weight_decay": weight_decay, "name": name}
+                for name, ps, g_lr in groups]
+
+
+def build_deeplab(cfg: SegModelConfig, num_classes: int, load_weights: bool = True) -> DeepLabV2:
+    """DeepLabV2 of cfg; with load_weights, the backbone gets cfg.pretrained (imagenet, file, URL)."""
+    model = DeepLabV2(cfg, num_classes)
+    if load_weights and cfg.pretrained != "none":
+        load_pretrained(model.backbone, cfg.pretrained, cfg.backbone)
+    return model
+
+
+def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """Cross-entropy of the scores, upsampled bilinearly to the label size, over pixels not ignored.
+
+    Mean over the counted pixels of the whole batch; 0 (with a gradient path) when every pixel is
+    ignored, where plain cross-entropy gives NaN.
+    """
+    if logits.shape[-2:] != labels.shape[-2:]:
+        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    per_pixel = F.cross_entropy(logits.float(), labels.long(), ignore_index=ignore_index, reduction="none")
+    counted = (labels != ignore_index).sum()
+    return per_pixel.sum() / counted.clamp(min=1)
