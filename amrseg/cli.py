@@ -174,6 +174,38 @@ def cmd_predict(a) -> int:
     return 0
 
 
+def cmd_train_irn(a) -> int:
+    from .config import resolve_irn
+    from .engine.train_irn import train_irn
+
+    if not Path(a.cams).is_dir():
+        raise AmrsegError(f"--cams {a.cams}: not a directory")
+    flags = _train_flags(a, {
+        "model": {"backbone": a.backbone, "base_width": a.base_width, "pretrained": a.pretrained},
+        "train": {"epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr, "device": a.device, "seed": a.seed},
+        "data": {"crop": a.crop}})
+    flags.update({"data_root": str(Path(a.data).resolve()), "split": a.split,
+                  "ir_labels": str(Path(a.ir_labels).resolve()), "cams": str(Path(a.cams).resolve())})
+    cfg = resolve_irn(flags, a.set)
+    return _finish_training(train_irn(cfg, Path(a.out), resume=a.resume), "train-irn")
+
+
+def cmd_pseudo_labels(a) -> int:
+    from .data.voc import open_dataset
+    from .refine.pseudo_labels import PseudoLabelConfig, make_pseudo_labels
+
+    cfg = PseudoLabelConfig(method=a.method, workers=a.workers, bg_threshold=a.bg_threshold,
+                            fg_threshold=a.fg_threshold, cam_method=a.cam_method, crf=not a.no_crf, irn=a.irn,
+                            cam_power=a.cam_power, radius=a.radius, beta=a.beta, exp_times=a.exp_times,
+                            device=a.device)
+    data = open_dataset(a.data, a.split, require_labels=False)
+    summary, warnings = make_pseudo_labels(Path(a.cams), data, Path(a.out), cfg)
+    for w in warnings:
+        print(f"amrseg: warning: {w}", file=sys.stderr)
+    print(json.dumps(summary))
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -311,6 +343,51 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--crf", action="store_true")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("train-irn", help="train IRN's boundary and displacement branches on IR labels")
+    s.add_argument("--cams", required=True, help="the CAM folder the IR labels came from (recorded in the config)")
+    s.add_argument("--ir-labels", required=True, help="folder of IR label PNGs (pseudo-labels --method crf)")
+    s.add_argument("--data", required=True)
+    s.add_argument("--split", required=True)
+    s.add_argument("--out", required=True, help="run directory")
+    s.add_argument("--backbone", choices=["resnet18", "resnet34", "resnet50", "resnet101"],
+                   help="default resnet50")
+    s.add_argument("--base-width", type=int)
+    s.add_argument("--pretrained", help="PATH | URL | imagenet | none | a train-cam RUN (its spotlight backbone); "
+                                        "default imagenet")
+    s.add_argument("--epochs", type=int)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--crop", type=int, help="a multiple of 4 (default 512)")
+    s.add_argument("--lr", type=float, help="boundary branch (default 0.1); displacement x train.new_lr_mult")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--seed", type=int)
+    s.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field by dotted name, e.g. --set model.radius=10")
+    s.set_defaults(func=cmd_train_irn)
+
+    s = sub.add_parser("pseudo-labels", help="IR labels (crf) or IRN pseudo masks (irn) from CAMs")
+    s.add_argument("--cams", required=True)
+    s.add_argument("--data", required=True)
+    s.add_argument("--split", required=True)
+    s.add_argument("--out", required=True, help="folder for the <id>.png labels (finished images are skipped)")
+    s.add_argument("--method", required=True, choices=["crf", "irn"])
+    s.add_argument("--workers", type=int, help="crf: processes; irn: image loaders (default min(4, CPUs))")
+    s.add_argument("--bg-threshold", type=float,
+                   help="crf: low CAM threshold (default by CAM method: 0.05 cam/gradcam, 0.33 advcam); "
+                        "irn: background plane (default 0.25)")
+    s.add_argument("--fg-threshold", type=float,
+                   help="crf: high CAM threshold (default 0.30 cam/gradcam, 0.60 advcam)")
+    s.add_argument("--cam-method", choices=["cam", "gradcam", "advcam"],
+                   help="crf: the CAMs' method for the default thresholds (default: CAMS/cams.json)")
+    s.add_argument("--no-crf", action="store_true", help="crf: thresholded CAMs without the dense CRF")
+    s.add_argument("--irn", help="irn: the train-irn run")
+    s.add_argument("--cam-power", type=float, help="irn: CAMs raised to this power before the walk (default 1.5)")
+    s.add_argument("--radius", type=int, help="irn: affinity radius at stride 4 (default 5)")
+    s.add_argument("--beta", type=float, help="irn: affinity exponent (default 10)")
+    s.add_argument("--exp-times", type=int, help="irn: the walk takes 2^N steps (default 8)")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], help="irn: default auto")
+    s.set_defaults(func=cmd_pseudo_labels)
     return p
 
 

@@ -114,6 +114,7 @@ class IRNConfig:
     data_root: str = ""
     split: str = "train_aug"
     ir_labels: str = ""  # folder of IR label PNGs (pseudo-labels --method crf)
+    cams: str = ""  # the CAM folder the IR labels came from (recorded; training reads the IR labels only)
     model: IRNModelConfig = field(default_factory=IRNModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, lr=0.1, new_lr_mult=10.0))
@@ -256,6 +257,25 @@ def resolve_run(kind: str, flags: dict, overrides: list[str]):
     for name, value in positive.items():
         if value <= 0:
             raise AmrsegError(f"config key '{name}': must be positive, got {value}")
+    return cfg
+
+
+def resolve_irn(flags: dict, overrides: list[str]) -> IRNConfig:
+    """A train-irn config: defaults, then flags (nested dict), then --set; validated.
+
+    Besides resolve_run's checks: strides, a radius >= 2, and a crop that is a multiple of 4 (the
+    IR labels are read at stride 4 and must land on the model's grid) with room for the radius.
+    """
+    cfg = resolve_run("irn", flags, overrides)
+    if len(cfg.model.strides) != 4 or any(s not in (1, 2) for s in cfg.model.strides):
+        raise AmrsegError(f"config key 'model.strides': expected 4 strides of 1 or 2, got {cfg.model.strides}")
+    if cfg.model.radius < 2:
+        raise AmrsegError(f"config key 'model.radius': must be at least 2, got {cfg.model.radius}")
+    if cfg.data.crop % 4 or cfg.data.crop // 4 < 2 * cfg.model.radius:
+        raise AmrsegError(f"config key 'data.crop': {cfg.data.crop} must be a multiple of 4 and at least "
+                          f"{8 * cfg.model.radius} (8 x model.radius {cfg.model.radius})")
+    if len(cfg.data.scale_range) != 2 or not 0 < cfg.data.scale_range[0] <= cfg.data.scale_range[1]:
+        raise AmrsegError("config key 'data.scale_range': expected [lo, hi] with 0 < lo <= hi")
     return cfg
 
 

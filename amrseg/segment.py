@@ -22,6 +22,7 @@ from .data.transforms import normalize
 from .data.voc import IMAGE_SUFFIXES, SegData, list_images, open_dataset, read_mask, write_palette_png
 from .engine.common import load_torch, pick_device, progress
 from .errors import AmrsegError
+from .eval.eval_cam import nan_to_none
 from .eval.metrics import confusion_matrix, iou_from_confusion
 from .fileio import atomic_write, save_image
 from .models.deeplab import DeepLabV2
@@ -104,7 +105,6 @@ def evaluate_masks(data: SegData, pred_of: "callable", show_progress: Optional[b
         conf += confusion_matrix(torch.from_numpy(pred), torch.from_numpy(gt), n_cls)
         count += 1
     iou, miou = iou_from_confusion(conf)
-    nan_to_none = lambda v: None if v != v else float(v)  # noqa: E731
     return {"miou": nan_to_none(miou.item()),
             "iou": {name: nan_to_none(v) for name, v in zip(data.class_names, iou.tolist())},
             "num_images": count}

@@ -16,6 +16,7 @@ Three methods share everything but how a branch's map is read off its final feat
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -29,10 +30,12 @@ from ..data.transforms import normalize
 from ..data.voc import SegData, image_size, list_images, open_dataset
 from ..engine.common import init_distributed, load_torch, pick_device, progress
 from ..errors import AmrsegError
+from ..fileio import write_text
 from ..models.amr import AMRNet
 from .io import normalise_max, save_cam
 
 METHODS = ("cam", "gradcam", "advcam")
+CAMS_META = "cams.json"  # CAMS/cams.json: {"method", "run", "scales", "xi"} of the make-cam call
 
 
 @dataclass
@@ -285,6 +288,10 @@ def make_cams(run: Path, data: str, split: str, out: Path, icfg: InferConfig, sh
                           f"{len(class_names) - 1}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if dist_info.is_main:
+        # What later stages need to know about these maps (pseudo-labels picks its thresholds by method).
+        write_text(out / CAMS_META, json.dumps({"method": icfg.method, "run": str(Path(run).resolve()),
+                                                "scales": list(icfg.scales), "xi": icfg.xi}) + "\n")
     pending = [i for i in range(len(dataset)) if not (out / f"{dataset.ids[i]}.npz").exists()]
     skipped = len(dataset) - len(pending)
     pending = pending[dist_info.rank::dist_info.world_size]

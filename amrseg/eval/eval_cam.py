@@ -159,7 +159,7 @@ def _check_all_present(cams_dir: Path, data: Any) -> None:
         )
 
 
-def _nan_to_none(x: float) -> Optional[float]:
+def nan_to_none(x: float) -> Optional[float]:
     return None if math.isnan(x) else float(x)
 
 
@@ -178,15 +178,15 @@ def _report(
     best_x = _best(torch.stack([miou[k, t] for k, t in enumerate(best_t)]))
     t_star = best_t[best_x]
     result = {
-        "miou": _nan_to_none(miou[best_x, t_star].item()),
+        "miou": nan_to_none(miou[best_x, t_star].item()),
         "threshold": ts[t_star],
-        "iou": {name: _nan_to_none(v) for name, v in zip(class_names, iou[best_x, t_star].tolist())},
+        "iou": {name: nan_to_none(v) for name, v in zip(class_names, iou[best_x, t_star].tolist())},
         "num_images": num_images,
-        "sweep": [[t, _nan_to_none(m)] for t, m in zip(ts, miou[best_x].tolist())],
+        "sweep": [[t, nan_to_none(m)] for t, m in zip(ts, miou[best_x].tolist())],
     }
     if xis is not None:
         result["xi"] = xis[best_x]
         result["xi_sweep"] = [
-            [xi, ts[t], _nan_to_none(miou[k, t].item())] for k, (xi, t) in enumerate(zip(xis, best_t))
+            [xi, ts[t], nan_to_none(miou[k, t].item())] for k, (xi, t) in enumerate(zip(xis, best_t))
         ]
     return result

@@ -134,6 +134,60 @@ def affinity_loss(aff: torch.Tensor, pairs: dict[str, torch.Tensor]) -> dict[str
     return out
 
 
+def pair_values(x: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A per-pixel map read at both ends of every affinity pair.
+
+    Args:
+        x: [B, C, H, W] map (e.g. a displacement field).
+        radius: Affinity radius (see :func:`search_offsets`).
+
+    Returns:
+        ``(src, dst)``: ``src`` [B, C, 1, h, w] the values at the cropped "from" pixels p,
+        ``dst`` [B, C, D, h, w] those at ``p + d`` for each offset d; the layout of
+        :func:`extract_pairs` with a channel axis in front of the offset axis.
+    """
+    if x.dim() != 4:
+        raise AmrsegError(f"pair values need a [B, C, H, W] map, got {tuple(x.shape)}")
+    offsets = search_offsets(radius)
+    crop = crop_of(offsets)
+    src = _shifted(x, crop, 0, 0).unsqueeze(2)
+    dst = torch.stack([_shifted(x, crop, dy, dx) for dy, dx in offsets], dim=2)
+    return src, dst
+
+
+def displacement_loss(disp: torch.Tensor, pairs: dict[str, torch.Tensor], radius: int) -> dict[str, torch.Tensor]:
+    """IRN's displacement-field loss.
+
+    Sign convention: ``disp[:, :, y, x] = (dy, dx)`` is the vector from pixel p = (y, x) to the
+    centroid of its instance, in pixels of the map. Two pixels p and q = p + d of one instance
+    share the centroid, ``p + D(p) = q + D(q)``, so ``D(p) - D(q) = d``. IRN approximates
+    "same instance" by "same class within the radius" (``pos_fg``); background pairs should
+    have no relative displacement, ``D(p) - D(q) = 0`` (IRN's ``dp_bg`` term, on the pair
+    difference as in its release).
+
+    Args:
+        disp: [B, 2, H, W] predicted displacements (dy, dx).
+        pairs: The masks of :func:`extract_pairs` for the same map and radius.
+        radius: Affinity radius.
+
+    Returns:
+        ``dp_fg``: mean over ``pos_fg`` pairs of ``|D(p) - D(q) - d|_1``; ``dp_bg``: mean over
+        ``pos_bg`` pairs of ``|D(p) - D(q)|_1`` (each 0 without pairs); ``total`` = their mean.
+    """
+    if disp.dim() != 4 or disp.shape[1] != 2:
+        raise AmrsegError(f"displacement field must be [B, 2, H, W], got {tuple(disp.shape)}")
+    src, dst = pair_values(disp, radius)
+    diff = src - dst  # [B, 2, D, h, w]: D(p) - D(p + d)
+    target = torch.tensor(search_offsets(radius), dtype=diff.dtype, device=diff.device)  # [D, 2]
+    target = target.T.reshape(1, 2, -1, 1, 1)
+    out = {
+        "dp_fg": _masked_mean((diff - target).abs().sum(dim=1), pairs["pos_fg"]),
+        "dp_bg": _masked_mean(diff.abs().sum(dim=1), pairs["pos_bg"]),
+    }
+    out["total"] = out["dp_fg"] / 2 + out["dp_bg"] / 2
+    return out
+
+
 def line_points(dy: int, dx: int) -> list[tuple[int, int]]:
     """The lattice points of the segment from (0, 0) to (dy, dx), endpoints included.
 

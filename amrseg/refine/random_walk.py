@@ -2,9 +2,15 @@
 
 The walk works at the CAMs' strided resolution (stride 4 in IRN); the caller upsamples the
 propagated maps to the image before :func:`rw_label` if it wants full-resolution masks.
+
+Two forms of the affinity matrix: dense (:func:`sparse_affinity`, :func:`random_walk`), the
+reference the tests check against, and sparse (:func:`affinity_coo`, :func:`random_walk_sparse`),
+which :func:`propagate` uses. A VOC image has N ~ 12k pixels at stride 4: the dense matrix is
+N^2 floats (0.5 GB), the sparse one N (2D + 1) entries (D = 34 offsets at radius 5).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -48,6 +54,77 @@ def sparse_affinity(aff: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> to
         dense[dst, src] = val
     dense.fill_diagonal_(1.0)
     return dense
+
+
+def affinity_coo(aff: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """The matrix of :func:`sparse_affinity` as a sparse COO tensor (same entries, same layout).
+
+    Args:
+        aff: [D, h, w] per-offset affinities (as for :func:`sparse_affinity`).
+        offsets: The D offsets, one of each +/- pair.
+
+    Returns:
+        Coalesced sparse [N, N] tensor on ``aff``'s device: both (p, q) and (q, p) for each pair
+        in the grid, and the unit diagonal.
+    """
+    if aff.dim() != 3 or aff.shape[0] != len(offsets):
+        raise AmrsegError(
+            f"per-offset affinities {tuple(aff.shape)} do not match {len(offsets)} offsets"
+        )
+    _, h, w = aff.shape
+    n = h * w
+    index = torch.arange(n, device=aff.device).view(h, w)
+    rows, cols, vals = [index.reshape(-1)], [index.reshape(-1)], [aff.new_ones(n)]
+    for k, (dy, dx) in enumerate(offsets):
+        ys = slice(max(0, -dy), h - max(0, dy))
+        xs = slice(max(0, -dx), w - max(0, dx))
+        src = index[ys, xs].reshape(-1)
+        dst = src + dy * w + dx
+        val = aff[k, ys, xs].reshape(-1)
+        rows += [src, dst]
+        cols += [dst, src]
+        vals += [val, val]
+    indices = torch.stack([torch.cat(rows), torch.cat(cols)])
+    # Indices are in range by construction: skip the invariant checks (and their warning).
+    return torch.sparse_coo_tensor(indices, torch.cat(vals), (n, n), check_invariants=False).coalesce()
+
+
+def random_walk_sparse(
+    cams: torch.Tensor, aff: torch.Tensor, beta: float = 10.0, exp_times: int = 8
+) -> torch.Tensor:
+    """:func:`random_walk` on a sparse affinity matrix: ``2 ** exp_times`` sparse products.
+
+    Same result as ``random_walk(cams, aff.to_dense(), beta, exp_times)``: with the row-stochastic
+    ``T = D^-1 A^beta`` each step is ``x <- T x`` for every map x (a column of the [N, C] block).
+    Squaring T would fill it in, so the walk multiplies the thin block instead.
+
+    Args:
+        cams: [C, h, w] maps.
+        aff: Sparse [N, N] affinities over the h * w pixels (:func:`affinity_coo`).
+        beta: Affinity exponent.
+        exp_times: The walk takes ``2 ** exp_times`` steps.
+
+    Returns:
+        [C, h, w] propagated maps (float32), on ``cams``' device.
+    """
+    if cams.dim() != 3:
+        raise AmrsegError(f"random walk maps must be [C, h, w], got {tuple(cams.shape)}")
+    c, h, w = cams.shape
+    n = h * w
+    if not aff.is_sparse or tuple(aff.shape) != (n, n):
+        raise AmrsegError(f"sparse affinity matrix {tuple(aff.shape)} does not match {h}x{w} maps")
+    aff = aff.to(device=cams.device, dtype=torch.float32).coalesce()
+    rows = aff.indices()[0]
+    scaled = aff.values().clamp(min=0) ** beta
+    row_sum = torch.zeros(n, device=cams.device).index_add_(0, rows, scaled)
+    trans = torch.sparse_coo_tensor(aff.indices(), scaled / row_sum[rows], (n, n), check_invariants=False)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": CSR products are ~1.5x COO's
+        warnings.simplefilter("ignore", UserWarning)
+        trans = trans.to_sparse_csr()
+    x = cams.reshape(c, n).to(torch.float32).T.contiguous()  # [N, C]
+    for _ in range(2**exp_times):
+        x = trans @ x
+    return x.T.reshape(c, h, w)
 
 
 def transition_matrix(aff_dense: torch.Tensor, beta: float) -> torch.Tensor:
@@ -123,6 +200,7 @@ def propagate(
     bg_threshold: float = 0.25,
     cam_power: float = 1.0,
     norm: str = "global",
+    sparse: bool = True,
 ) -> torch.Tensor:
     """IRN's pseudo-mask step: class CAMs random-walked over the boundary's affinities.
 
@@ -131,8 +209,9 @@ def propagate(
     1. ``x = relu(cams) ** cam_power`` (the AMR release uses 1.5), then ``x *= 1 - boundary``:
        no activation starts on a boundary.
     2. Affinities from :func:`boundary_to_affinity` over every pixel of the grid (the boundary is
-       padded with 1 so border pixels get their in-grid pairs), as a dense matrix
-       (:func:`sparse_affinity`), then :func:`random_walk` of the class planes.
+       padded with 1 so border pixels get their in-grid pairs), as a sparse matrix
+       (:func:`affinity_coo`), then :func:`random_walk_sparse` of the class planes (``sparse``
+       False: the dense :func:`sparse_affinity` and :func:`random_walk`, the reference).
     3. Normalisation: ``norm="global"`` divides all planes by their common max (IRN and the
        AMR release); ``"per_class"`` divides each plane by its own max, so every class reaches
        1 somewhere. A plane that is all 0 stays 0. (IRN normalises after upsampling the walk
@@ -150,6 +229,7 @@ def propagate(
         bg_threshold: Value of the background plane (IRN: 0.25).
         cam_power: Exponent applied to the CAMs before the walk.
         norm: "global" or "per_class" (step 3).
+        sparse: Walk on the sparse matrix (default); False builds the dense N x N one.
 
     Returns:
         [n + 1, h, w] maps, background plane first; their argmax is the pseudo mask
@@ -177,7 +257,10 @@ def propagate(
     pad = (crop.max_dx_neg, crop.max_dx_pos, 0, crop.max_dy)
     padded = F.pad(boundary[None, None], pad, value=1.0)
     aff = boundary_to_affinity(padded[:, 0], radius)[0]
-    rw = random_walk(x, sparse_affinity(aff, offsets), beta=beta, exp_times=exp_times)
+    if sparse:
+        rw = random_walk_sparse(x, affinity_coo(aff, offsets), beta=beta, exp_times=exp_times)
+    else:
+        rw = random_walk(x, sparse_affinity(aff, offsets), beta=beta, exp_times=exp_times)
 
     if norm == "global":
         peak = rw.max()

@@ -1,0 +1,198 @@
+"""IRN (Ahn et al., CVPR 2019): class boundaries and instance displacements on frozen ResNet features.
+
+AMR.md section 7. The backbone (stem /4, layer1 /4, layer2 /8, layer3 /16, layer4 /16 with the
+default strides) is frozen: no gradient, always in eval mode, its features computed under
+`torch.no_grad`. Two small branches read them:
+
+- boundary: each of the five feature maps -> 1x1 conv to a narrow width, GroupNorm, ReLU,
+  bilinear resize to the stride-4 grid; concatenated; 1x1 conv with bias to one logit per pixel.
+- displacement: the same kind of heads, wider; the three deep ones fused at stride 8, upsampled to
+  stride 4 and fused with the two shallow ones into a 2-channel field (dy, dx) in stride-4 pixels
+  (sign convention: refine.affinity.displacement_loss).
+
+Both outputs lie on the stride-4 grid of ceil(H / 4) x ceil(W / 4) pixels (the stem's output),
+which is also the grid of the IR labels (LabelTrainDataset with label_stride 4).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import IRNConfig, IRNModelConfig, load_run_config, merge, run_kind
+from ..engine.common import load_torch
+from ..errors import AmrsegError
+from ..refine.affinity import (
+    affinity_loss,
+    boundary_to_affinity,
+    displacement_loss,
+    extract_pairs,
+)
+from .resnet import ResNet, build_resnet, load_pretrained
+
+
+def _head(cin: int, cout: int, groups: int) -> nn.Sequential:
+    """1x1 conv (no bias) -> GroupNorm -> ReLU; groups reduced to a divisor of cout."""
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.GroupNorm(math.gcd(groups, cout), cout),
+                         nn.ReLU(inplace=True))
+
+
+def _dp_groups(ch: int) -> int:
+    # IRN's displacement heads: GroupNorm(8, 64), (16, 128), (16, 256): one group per 8 channels, at most 16.
+    return min(16, max(1, ch // 8))
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class IRN(nn.Module):
+    """Frozen backbone + boundary branch + displacement branch.
+
+    Args:
+        cfg: backbone name, base width and strides (the weights are loaded by `build_irn`).
+
+    Attributes:
+        edge_width: channels of each boundary head (32 for ResNet-50 at base width 64).
+    """
+
+    def __init__(self, cfg: IRNModelConfig):
+        super().__init__()
+        self.backbone: ResNet = build_resnet(cfg.backbone, cfg.base_width, cfg.strides, fixed_bn=cfg.fixed_bn)
+        self.backbone.requires_grad_(False)
+        self.backbone.eval()
+        w = cfg.base_width
+        in_ch = [w, *self.backbone.stage_channels]  # stem, layer1..4
+        self.edge_width = e = max(8, w // 2)
+        self.edge_heads = nn.ModuleList(_head(c, e, 4) for c in in_ch)
+        self.edge_out = nn.Conv2d(len(in_ch) * e, 1, 1, bias=True)
+        d = 4 * w  # 256 at base width 64, as IRN
+        self.dp_shallow = nn.ModuleList([_head(in_ch[0], w, _dp_groups(w)), _head(in_ch[1], 2 * w, _dp_groups(2 * w))])
+        self.dp_deep = nn.ModuleList(_head(c, d, _dp_groups(d)) for c in in_ch[2:])
+        self.dp_deep_fuse = _head(3 * d, d, _dp_groups(d))
+        self.dp_fuse = nn.Sequential(_head(w + 2 * w + d, d, _dp_groups(d)), nn.Conv2d(d, 2, 1, bias=True))
+
+    def train(self, mode: bool = True) -> "IRN":
+        super().train(mode)
+        self.backbone.eval()  # frozen: BN statistics never move
+        return self
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """[stem, layer1, layer2, layer3, layer4] outputs of the frozen backbone (no gradient)."""
+        with torch.no_grad():
+            f = [self.backbone.stem(x)]
+            for layer in self.backbone.stages():
+                f.append(layer(f[-1]))
+        return [t.detach() for t in f]
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{"boundary_logits": [B, h, w], "displacement": [B, 2, h, w]} on the stride-4 grid."""
+        feats = self.features(x)
+        size = tuple(feats[0].shape[-2:])
+        edges = [_resize(head(f), size) for head, f in zip(self.edge_heads, feats)]
+        logits = self.edge_out(torch.cat(edges, dim=1))[:, 0]
+        mid = tuple(feats[2].shape[-2:])
+        deep = self.dp_deep_fuse(torch.cat([_resize(h(f), mid) for h, f in zip(self.dp_deep, feats[2:])], dim=1))
+        shallow = [h(f) for h, f in zip(self.dp_shallow, feats[:2])]
+        disp = self.dp_fuse(torch.cat([*(_resize(s, size) for s in shallow), _resize(deep, size)], dim=1))
+        return {"boundary_logits": logits, "displacement": disp}
+
+    @torch.no_grad()
+    def boundary(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, h, w] class-boundary probabilities (eval mode is the caller's business)."""
+        return torch.sigmoid(self.forward(x)["boundary_logits"].float())
+
+    def param_groups(self, lr: float, new_lr_mult: float, weight_decay: float) -> list[dict]:
+        """SGD groups: the boundary branch at lr, the displacement branch at lr * new_lr_mult (IRN: 0.1, 1.0)."""
+        edge = [*self.edge_heads.parameters(), *self.edge_out.parameters()]
+        dp = [*self.dp_shallow.parameters(), *self.dp_deep.parameters(), *self.dp_deep_fuse.parameters(),
+              *self.dp_fuse.parameters()]
+        groups = [("edge", edge, lr), ("displacement", dp, lr * new_lr_mult)]
+        return [{"params": ps, "lr": g_lr, "initial_lr": g_lr, "weight_decay": weight_decay, "name": name}
+                for name, ps, g_lr in groups]
+
+
+def irn_loss(outputs: dict[str, torch.Tensor], label: torch.Tensor, radius: int) -> dict[str, torch.Tensor]:
+    """IRN's training loss on the stride-4 IR labels.
+
+    Args:
+        outputs: IRN.forward's dict.
+        label: [B, h, w] IR labels (0 background, class ids, 255 unknown) on the outputs' grid.
+        radius: affinity radius (AMR.md section 7: 10).
+
+    Returns:
+        pos_bg, pos_fg, neg (affinity_loss of the boundary-derived affinities), dp_fg, dp_bg
+        (displacement_loss), and total = boundary total + displacement total.
+    """
+    logits = outputs["boundary_logits"].float()
+    if tuple(label.shape) != tuple(logits.shape):
+        raise AmrsegError(f"IR labels {tuple(label.shape)} do not match the boundary map {tuple(logits.shape)}")
+    pairs = extract_pairs(label, radius)
+    aff = affinity_loss(boundary_to_affinity(torch.sigmoid(logits), radius), pairs)
+    dp = displacement_loss(outputs["displacement"].float(), pairs, radius)
+    out = {k: aff[k] for k in ("pos_bg", "pos_fg", "neg")}
+    out.update(dp_fg=dp["dp_fg"], dp_bg=dp["dp_bg"], total=aff["total"] + dp["total"])
+    return out
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def _load_cam_run_backbone(backbone: ResNet, run: Path, cfg: IRNModelConfig) -> None:
+    """The spotlight branch's backbone of a train-cam run (RUN/model.pt, keys spotlight.backbone.*)."""
+    flag = f"--pretrained {run}"
+    run_kind(run, "cam", "--pretrained")
+    saved = load_run_config(run, "cam")
+    if (saved.model.backbone, saved.model.base_width) != (cfg.backbone, cfg.base_width):
+        raise AmrsegError(f"{flag}: the run's backbone is {saved.model.backbone} with base width "
+                          f"{saved.model.base_width}, this IRN wants {cfg.backbone} with {cfg.base_width}")
+    state = load_torch(run / "model.pt", "trained model (is the train-cam run finished?)")
+    weights = state.get("state_dict")
+    if not isinstance(weights, dict):
+        raise AmrsegError(f"{run / 'model.pt'}: no state_dict of a trained run")
+    prefix = "spotlight.backbone."
+    sub = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    try:
+        backbone.load_state_dict(sub)
+    except RuntimeError as e:
+        raise AmrsegError(f"{flag}: {run / 'model.pt'} does not fit the backbone "
+                          f"({' '.join(str(e).split())[:200]})") from None
+
+
+def load_backbone_weights(backbone: ResNet, cfg: IRNModelConfig) -> None:
+    """Backbone weights per cfg.pretrained: imagenet | PATH | URL | none | a train-cam RUN directory."""
+    source = cfg.pretrained
+    if source != "none" and "://" not in source and Path(source).is_dir():
+        _load_cam_run_backbone(backbone, Path(source), cfg)
+    else:
+        load_pretrained(backbone, source, cfg.backbone)
+
+
+def build_irn(cfg: IRNModelConfig) -> IRN:
+    """IRN of cfg with its backbone weights loaded (and frozen)."""
+    model = IRN(cfg)
+    load_backbone_weights(model.backbone, cfg)
+    return model
+
+
+def load_irn(run: Path, device: torch.device) -> tuple[IRN, IRNConfig, list[str]]:
+    """The trained IRN of a train-irn run directory (RUN/model.pt), in eval mode on `device`."""
+    run = Path(run)
+    state = load_torch(run / "model.pt", "trained IRN (is the run finished? resume it with train-irn --resume)")
+    if not isinstance(state.get("state_dict"), dict) or not isinstance(state.get("config"), dict):
+        raise AmrsegError(f"{run / 'model.pt'}: not a train-irn model file (no state_dict/config)")
+    cfg = merge(IRNConfig(), state["config"])
+    model = IRN(dataclasses.replace(cfg.model, pretrained="none"))
+    try:
+        model.load_state_dict(state["state_dict"])
+    except RuntimeError as e:
+        raise AmrsegError(f"{run / 'model.pt'}: weights do not fit the saved config "
+                          f"({str(e).splitlines()[0]})") from None
+    return model.to(device).eval(), cfg, list(state.get("class_names") or [])
+

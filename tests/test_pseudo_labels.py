@@ -1,0 +1,201 @@
+"""pseudo-labels: IR labels (crf) and IRN pseudo masks (irn) through the CLI, resumability, bad input."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from amrseg.cam.io import save_cam
+from amrseg.cli import main
+from amrseg.config import Config, to_dict
+from amrseg.data.voc import open_dataset, read_mask, write_palette_png
+from amrseg.refine.affinity import search_offsets
+from amrseg.refine.crf import ir_label
+from amrseg.refine.pseudo_labels import strided_cams
+from amrseg.refine.random_walk import (
+    affinity_coo,
+    propagate,
+    random_walk,
+    random_walk_sparse,
+    sparse_affinity,
+)
+
+
+def write_cams(root, split, out, method="cam"):
+    """CAMs made from the masks: each class's mask, blurred, max 1 (and a faint halo around it)."""
+    data = open_dataset(root, split, require_labels=False)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, iid in enumerate(data.ids):
+        mask = data.load_mask(i)
+        keys = np.flatnonzero(data.labels[i]).astype(np.int64)
+        maps = []
+        for k in keys:
+            m = torch.from_numpy((mask == k + 1).astype(np.float32))[None, None]
+            m = torch.nn.functional.avg_pool2d(m, 5, stride=1, padding=2, count_include_pad=False)[0, 0].numpy()
+            maps.append(m / max(m.max(), 1e-5))
+        high_res = np.stack(maps) if maps else np.zeros((0,) + mask.shape, np.float32)
+        save_cam(out / f"{iid}.npz", keys, high_res)
+    if method is not None:
+        (out / "cams.json").write_text(json.dumps({"method": method, "run": "x", "scales": [1.0], "xi": 0.5}))
+    return out
+
+
+def _pseudo(cams, root, out, method, *extra, split="train"):
+    return main(["pseudo-labels", "--cams", str(cams), "--data", str(root), "--split", split, "--out", str(out),
+                 "--method", method, *extra])
+
+
+def _summary(capsys):
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_crf_writes_ir_labels_and_a_rerun_leaves_them_alone(tiny_voc, tmp_path, capsys):
+    pytest.importorskip("pydensecrf.densecrf")
+    cams = write_cams(tiny_voc, "train", tmp_path / "cams")
+    out = tmp_path / "ir"
+    assert _pseudo(cams, tiny_voc, out, "crf", "--workers", "2") == 0
+    s = _summary(capsys)
+    assert (s["written"], s["skipped"], s["num_images"], s["scored_images"]) == (8, 0, 8, 8)
+    assert (s["cam_method"], s["fg_threshold"], s["bg_threshold"], s["crf"]) == ("cam", 0.30, 0.05, True)
+    assert s["confident_precision"] > 0.95 and 0.3 < s["confident_fraction"] < 1.0
+    data = open_dataset(tiny_voc, "train")
+    for i, iid in enumerate(data.ids):
+        with Image.open(out / f"{iid}.png") as img:
+            assert img.mode == "P" and img.size == (32, 32)
+        label = read_mask(out / f"{iid}.png")
+        allowed = {0, 255} | {int(k) + 1 for k in np.flatnonzero(data.labels[i])}
+        assert set(np.unique(label).tolist()) <= allowed
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert _pseudo(cams, tiny_voc, out, "crf", "--workers", "1") == 0
+    again = _summary(capsys)
+    assert (again["written"], again["skipped"]) == (0, 8)
+    assert again["confident_precision"] == s["confident_precision"]  # scored from the files on disk
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+
+
+def test_crf_thresholds_follow_the_cam_method(tiny_voc, tmp_path, capsys):
+    cams = write_cams(tiny_voc, "val", tmp_path / "cams", method="advcam")
+    out = tmp_path / "ir"
+    assert _pseudo(cams, tiny_voc, out, "crf", "--no-crf", "--workers", "1", split="val") == 0
+    s = _summary(capsys)
+    assert (s["cam_method"], s["fg_threshold"], s["bg_threshold"], s["crf"]) == ("advcam", 0.60, 0.33, False)
+    data = open_dataset(tiny_voc, "val")
+    cam = np.load(cams / f"{data.ids[0]}.npz")
+    expected = ir_label(data.load_image(0), cam["high_res"], cam["keys"], 0.60, 0.33, crf=False)
+    np.testing.assert_array_equal(read_mask(out / f"{data.ids[0]}.png"), expected)
+    # No cams.json: a warning, and the plain-CAM thresholds; flags override both.
+    (cams / "cams.json").unlink()
+    assert _pseudo(cams, tiny_voc, tmp_path / "ir2", "crf", "--no-crf", "--workers", "1", split="val") == 0
+    captured = capsys.readouterr()
+    assert "cams.json" in captured.err and json.loads(captured.out)["fg_threshold"] == 0.30
+    assert _pseudo(cams, tiny_voc, tmp_path / "ir3", "crf", "--no-crf", "--workers", "1", "--cam-method",
+                   "gradcam", "--fg-threshold", "0.5", split="val") == 0
+    s = _summary(capsys)
+    assert (s["cam_method"], s["fg_threshold"], s["bg_threshold"]) == ("gradcam", 0.5, 0.05)
+
+
+def test_sparse_random_walk_equals_the_dense_reference():
+    gen = torch.Generator().manual_seed(3)
+    h, w, radius = 9, 11, 4
+    offsets = search_offsets(radius)
+    aff = torch.rand(len(offsets), h, w, generator=gen)
+    coo = affinity_coo(aff, offsets)
+    assert coo.is_sparse and coo._nnz() < h * w * (2 * len(offsets) + 1)  # out-of-grid pairs dropped
+    torch.testing.assert_close(coo.to_dense(), sparse_affinity(aff, offsets))
+    cams = torch.rand(3, h, w, generator=gen)
+    for exp_times in (0, 4):
+        torch.testing.assert_close(random_walk_sparse(cams, coo, 10.0, exp_times),
+                                   random_walk(cams, sparse_affinity(aff, offsets), 10.0, exp_times, squaring=False))
+    boundary = torch.rand(h, w, generator=gen) * 0.6
+    kw = dict(radius=5, beta=10.0, exp_times=6, cam_power=1.5)
+    torch.testing.assert_close(propagate(cams, boundary, sparse=True, **kw),
+                               propagate(cams, boundary, sparse=False, **kw), rtol=1e-4, atol=1e-5)
+
+
+def test_strided_cams_average_each_4x4_cell():
+    x = torch.arange(6 * 7, dtype=torch.float32).view(1, 6, 7)
+    out = strided_cams(x, (2, 2))  # padded by repeating the last row/column to 8 x 8
+    padded = torch.nn.functional.pad(x[None], (0, 1, 0, 2), mode="replicate")[0, 0]
+    assert out.shape == (1, 2, 2)
+    assert out[0, 0, 0].item() == pytest.approx(x[0, :4, :4].mean().item())
+    assert out[0, 1, 1].item() == pytest.approx(padded[4:, 4:].mean().item())
+    assert strided_cams(torch.zeros(0, 6, 7), (2, 2)).shape == (0, 2, 2)
+
+
+def _irn_run(tiny_voc, tmp_path, cams):
+    """A trained (one step) IRN run, on IR labels that are the train masks themselves."""
+    data = open_dataset(tiny_voc, "train")
+    labels = tmp_path / "ir"
+    labels.mkdir()
+    for i, iid in enumerate(data.ids):
+        write_palette_png(labels / f"{iid}.png", data.load_mask(i))
+    run = tmp_path / "irn"
+    assert main(["train-irn", "--cams", str(cams), "--ir-labels", str(labels), "--data", str(tiny_voc), "--split",
+                 "train", "--out", str(run), "--epochs", "1", "--backbone", "resnet18", "--base-width", "8",
+                 "--pretrained", "none", "--crop", "32", "--batch-size", "8", "--device", "cpu",
+                 "--set", "model.radius=3", "--set", "train.num_workers=0"]) == 0
+    return run
+
+
+def test_irn_pseudo_masks_end_to_end(tiny_voc, tmp_path, capsys):
+    cams = write_cams(tiny_voc, "val", tmp_path / "cams")
+    run = _irn_run(tiny_voc, tmp_path, cams)
+    capsys.readouterr()
+    out = tmp_path / "masks"
+    args = ["--irn", str(run), "--workers", "0", "--exp-times", "3", "--device", "cpu"]
+    assert _pseudo(cams, tiny_voc, out, "irn", *args, split="val") == 0
+    s = _summary(capsys)
+    assert (s["written"], s["skipped"], s["scored_images"]) == (4, 0, 4)
+    assert (s["radius"], s["beta"], s["exp_times"], s["cam_power"], s["bg_threshold"]) == (5, 10.0, 3, 1.5, 0.25)
+    assert 0.0 <= s["miou"] <= 1.0
+    data = open_dataset(tiny_voc, "val")
+    for i, iid in enumerate(data.ids):
+        mask = read_mask(out / f"{iid}.png")
+        assert mask.shape == (32, 32)
+        assert set(np.unique(mask).tolist()) <= {0} | {int(k) + 1 for k in np.flatnonzero(data.labels[i])}
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert _pseudo(cams, tiny_voc, out, "irn", *args, split="val") == 0
+    again = _summary(capsys)
+    assert (again["written"], again["skipped"], again["miou"]) == (0, 4, s["miou"])
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+
+
+def _one_line_error(capsys, *needles):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("amrseg: error:"), err
+    for n in needles:
+        assert n in err, err
+
+
+def test_bad_input_is_one_line(tiny_voc, tmp_path, capsys):
+    cams = write_cams(tiny_voc, "val", tmp_path / "cams")
+    out = tmp_path / "out"
+    crf = ["--no-crf", "--workers", "1"]
+    # a train-cam run given as --irn
+    cam_run = tmp_path / "camrun"
+    cam_run.mkdir()
+    (cam_run / "config.yaml").write_text(yaml.safe_dump(to_dict(Config())))
+    assert _pseudo(cams, tiny_voc, out, "irn", "--irn", str(cam_run), "--workers", "0", split="val") == 2
+    _one_line_error(capsys, "--irn", "train-cam run")
+    # a flag of the other method
+    assert _pseudo(cams, tiny_voc, out, "irn", "--irn", str(cam_run), "--fg-threshold", "0.4", split="val") == 2
+    _one_line_error(capsys, "--fg-threshold")
+    assert _pseudo(cams, tiny_voc, out, "crf", "--irn", str(cam_run), split="val") == 2
+    _one_line_error(capsys, "--irn")
+    # a missing CAM file, named, before any work
+    data = open_dataset(tiny_voc, "val")
+    victim = cams / f"{data.ids[1]}.npz"
+    kept = victim.read_bytes()
+    victim.unlink()
+    assert _pseudo(cams, tiny_voc, tmp_path / "out2", "crf", *crf, split="val") == 2
+    _one_line_error(capsys, "--cams", f"{data.ids[1]}.npz")
+    assert not (tmp_path / "out2").exists()
+    victim.write_bytes(kept)
+    # an unreadable image: its header opens, its pixels do not (in the main process and in a pool worker)
+    image = tiny_voc / "JPEGImages" / f"{data.ids[2]}.jpg"
+    image.write_bytes(image.read_bytes()[:200])
+    for workers in ("1", "2"):
+        assert _pseudo(cams, tiny_voc, out, "crf", "--no-crf", "--workers", workers, split="val") == 2
+        _one_line_error(capsys, f"{data.ids[2]}.jpg", "cannot read image")
