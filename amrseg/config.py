@@ -297,7 +297,7 @@ def validate(cfg: Config) -> None:
             or len(set(cfg.amm.stages)) != len(cfg.amm.stages):
         raise AmrsegError(f"config key 'amm.stages': expected distinct stage numbers from 1..4, got {cfg.amm.stages}")
     if len(cfg.data.scale_range) != 2 or not 0 < cfg.data.scale_range[0] <= cfg.data.scale_range[1]:
-        raise AmrsegError(f"config key 'data.scale_range': expected [lo, hi] with 0 < lo <= hi")
+        raise AmrsegError("config key 'data.scale_range': expected [lo, hi] with 0 < lo <= hi")
     positive = {
         "train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,
         "train.lr": cfg.train.lr, "data.crop": cfg.data.crop, "model.base_width": cfg.model.base_width,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import tarfile
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from PIL import Image
 
 from .config import SegConfig, load_run_config, merge, run_kind
 from .data.transforms import normalize
-from .data.voc import IMAGE_SUFFIXES, SegData, list_images, open_dataset, read_mask, write_palette_png
+from .data.voc import IMAGE_SUFFIXES, SegData, list_images, read_mask, write_palette_png
 from .engine.common import load_torch, pick_device, progress
 from .errors import AmrsegError
 from .eval.eval_cam import nan_to_none

@@ -1,35 +1,77 @@
 #!/usr/bin/env bash
-# The main job on the built-in data, on a CPU in a few minutes: Fashion-MNIST scenes ->
-# pretrained small backbone -> AMR training -> CAMs -> mIoU -> gallery.
+# The whole chain on the built-in data, on a CPU: Fashion-MNIST scenes -> pretrained small backbone
+# -> AMR -> CAMs -> IR labels (dense CRF) -> IRN -> pseudo masks (random walk) -> DeepLab -> val mIoU.
+# Every stage skips or resumes what is done, so an interrupted demo picks up where it stopped.
 set -euo pipefail
 PY=${PYTHON:-python3}
 OUT=${1:-demo}
+PRESET=${PRESET:-amr}
 mkdir -p "$OUT"
 amrseg() { "$PY" -m amrseg "$@"; }
+T0=$(date +%s)
+stamp() { echo "   ($(( $(date +%s) - T0 )) s so far)"; }
+# train-* commands: start, resume an interrupted run, or skip a finished one.
+train() {
+    local cmd=$1 out=$2; shift 2
+    if [ -f "$out/model.pt" ]; then return; fi
+    if [ -f "$out/checkpoint.pt" ]; then amrseg "$cmd" --out "$out" "$@" --resume >/dev/null
+    else amrseg "$cmd" --out "$out" "$@" >/dev/null; fi
+}
+S="$OUT/scenes"
+NET=(--backbone resnet18 --base-width 32 --crop 128 --batch-size 16)
 
-echo "== 1/6 building Fashion-MNIST scenes in $OUT/scenes"
-[ -f "$OUT/scenes/ImageSets/Segmentation/val.txt" ] || amrseg build-fashion-scenes "$OUT/scenes" --train 3000 --val 300
-echo "== 2/6 pretraining a small backbone (the CPU stand-in for ImageNet)"
+echo "== 1/10 Fashion-MNIST scenes in $S"
+[ -f "$S/ImageSets/Segmentation/val.txt" ] || amrseg build-fashion-scenes "$S" --train 3000 --val 300 >/dev/null
+echo "== 2/10 pretraining a small backbone (the CPU stand-in for ImageNet)"
 [ -f "$OUT/backbone.pt" ] || amrseg pretrain-backbone --out "$OUT/backbone.pt" --backbone resnet18 --base-width 32 \
-    --epochs 1 --items 16000 --size 96
-SMALL=(--backbone resnet18 --base-width 32 --pretrained "$OUT/backbone.pt" --crop 128 --batch-size 16 --lr 0.05)
-echo "== 3/6 training AMR"
-if [ -f "$OUT/amr/model.pt" ]; then :
-elif [ -f "$OUT/amr/checkpoint.pt" ]; then
-    amrseg train-cam --data "$OUT/scenes" --split train --preset amr --out "$OUT/amr" --epochs 3 "${SMALL[@]}" --resume
-else
-    amrseg train-cam --data "$OUT/scenes" --split train --preset amr --out "$OUT/amr" --epochs 3 "${SMALL[@]}"
-fi
-echo "== 4/6 CAMs of the val split"
-amrseg make-cam --run "$OUT/amr" --data "$OUT/scenes" --split val --out "$OUT/cams" --scales 1.0,0.5,1.5 --save-branches
-echo "== 5/6 scoring"
-amrseg eval-cam --cams "$OUT/cams" --data "$OUT/scenes" --split val --sweep 0.05:0.60:0.05 --out "$OUT/metrics.json" >/dev/null
-echo "== 6/6 gallery"
-amrseg visualize --cams "$OUT/cams" --data "$OUT/scenes" --split val --out "$OUT/gallery" --limit 40 --metrics "$OUT/metrics.json" >/dev/null
-"$PY" - "$OUT" <<'PYEOF'
+    --epochs 1 --items 16000 --size 96 >/dev/null
+stamp
+echo "== 3/10 training $PRESET"
+train train-cam "$OUT/$PRESET" --data "$S" --split train --preset "$PRESET" --epochs 3 --lr 0.05 \
+    --pretrained "$OUT/backbone.pt" "${NET[@]}"
+stamp
+echo "== 4/10 CAMs of train and val"
+for split in train val; do
+    amrseg make-cam --run "$OUT/$PRESET" --data "$S" --split $split --out "$OUT/cams-$split" --scales 1.0,0.5,1.5 \
+        --save-branches >/dev/null
+    amrseg eval-cam --cams "$OUT/cams-$split" --data "$S" --split $split --sweep 0.05:0.60:0.05 \
+        --out "$OUT/cam-$split.json" >/dev/null
+done
+stamp
+echo "== 5/10 CAM gallery"
+amrseg visualize --cams "$OUT/cams-val" --data "$S" --split val --out "$OUT/gallery" --limit 40 \
+    --metrics "$OUT/cam-val.json" >/dev/null
+echo "== 6/10 IR labels: dense CRF at the high and low thresholds"
+amrseg pseudo-labels --cams "$OUT/cams-train" --data "$S" --split train --out "$OUT/ir-labels" --method crf \
+    > "$OUT/ir-labels.json"
+stamp
+echo "== 7/10 training IRN on the IR labels"
+train train-irn "$OUT/irn" --cams "$OUT/cams-train" --ir-labels "$OUT/ir-labels" --data "$S" --split train \
+    --pretrained "$OUT/$PRESET" --epochs 3 "${NET[@]}"
+stamp
+echo "== 8/10 pseudo masks: random walk on the IRN boundaries"
+amrseg pseudo-labels --cams "$OUT/cams-train" --data "$S" --split train --out "$OUT/pseudo-masks" --method irn \
+    --irn "$OUT/irn" > "$OUT/pseudo-masks.json"
+stamp
+echo "== 9/10 training DeepLab-v2 on the pseudo masks"
+train train-seg "$OUT/seg" --data "$S" --labels "$OUT/pseudo-masks" --split train --epochs 4 --lr 0.01 \
+    --pretrained "$OUT/backbone.pt" "${NET[@]}"
+stamp
+echo "== 10/10 segmentation of val"
+amrseg eval-seg --run "$OUT/seg" --data "$S" --split val --scales 1.0,0.5,1.5 --save "$OUT/seg-val" \
+    --out "$OUT/seg-val.json" >/dev/null
+stamp
+"$PY" - "$OUT" "$PRESET" <<'PYEOF'
 import json, sys
-out = sys.argv[1]
-m = json.load(open(f"{out}/metrics.json"))
-print(f"\nAMR CAMs on {m['num_images']} val scenes: mIoU {100 * m['miou']:.1f} at background threshold {m['threshold']:.2f}")
-print(f"gallery: {out}/gallery/index.html")
+out, preset = sys.argv[1:]
+r = lambda name: json.load(open(f"{out}/{name}"))
+cam_t, cam_v, ir, pm, seg = r("cam-train.json"), r("cam-val.json"), r("ir-labels.json"), r("pseudo-masks.json"), r("seg-val.json")
+pct = lambda v: "-" if v is None else f"{100 * v:.1f}"
+print(f"\n| stage | split | mIoU |\n|---|---|---|")
+print(f"| {preset} CAM (threshold {cam_t['threshold']:.2f}) | train | {pct(cam_t['miou'])} |")
+print(f"| {preset} CAM (threshold {cam_v['threshold']:.2f}) | val | {pct(cam_v['miou'])} |")
+print(f"| IR labels (precision of the {pct(ir['confident_fraction'])}% confident pixels) | train | {pct(ir['confident_precision'])} |")
+print(f"| pseudo masks (IRN random walk) | train | {pct(pm['miou'])} |")
+print(f"| DeepLab-v2 on the pseudo masks | val | {pct(seg['miou'])} |")
+print(f"\nCAM gallery: {out}/gallery/index.html; segmentation masks of val: {out}/seg-val/")
 PYEOF

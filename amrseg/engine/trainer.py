@@ -27,7 +27,7 @@ from ..config import TrainConfig, load_run_config, merge, to_dict
 from ..errors import AmrsegError
 from ..fileio import atomic_write, write_text
 from .common import (DistInfo, atomic_torch_save, autocast, autocast_dtype, init_distributed, load_torch,
-                     pick_device, poly_lr, progress, seed_everything)
+                     pick_device, poly_lr, progress)
 
 # Keys that may differ between a run and its resumption: they do not change the result.
 _RESUME_FREE = {"train.num_workers", "train.device", "train.log_every"}

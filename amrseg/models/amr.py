@@ -154,12 +154,11 @@ class AMRNet(nn.Module):
                 for name, ps, g_lr in groups if ps]
 
 
-def _load_spotlight(model: AMRNet, source: str) -> None:
-    """Loads the spotlight branch of a trained run (DIR/model.pt or a file) into `model`."""
+def read_run_weights(source: str, flag: str) -> dict:
+    """The state dict of a trained run: RUN/model.pt, or a model.pt / checkpoint.pt file."""
     path = Path(source)
     if path.is_dir():
         path = path / "model.pt"
-    flag = f"--init-spotlight {source}"
     if not path.is_file():
         raise AmrsegError(f"{flag}: no such file {path} (expected a `cam` run directory or its model.pt)")
     try:
@@ -168,23 +167,36 @@ def _load_spotlight(model: AMRNet, source: str) -> None:
         raise AmrsegError(f"{flag}: cannot read {path} ({_one_line(e)})") from None
     # model.pt holds {'state_dict': ...}; a checkpoint.pt of the same run holds {'model': ...}.
     wrapped = [obj[k] for k in ("state_dict", "model") if isinstance(obj, dict) and isinstance(obj.get(k), dict)]
-    state = wrapped[0] if wrapped else None
-    if state is None:
+    if not wrapped:
         raise AmrsegError(f"{flag}: {path} holds no 'state_dict' of a trained run")
-    sub = {k[len("spotlight."):]: v for k, v in state.items() if k.startswith("spotlight.")}
-    own = model.spotlight.state_dict()
+    return wrapped[0]
+
+
+def load_prefixed(module: nn.Module, state: dict, prefix: str, flag: str) -> None:
+    """Loads the entries `prefix`* of a run's state dict into `module`, strictly, with one-line errors."""
+    sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    own = module.state_dict()
     missing = [k for k in own if k not in sub]
     unexpected = [k for k in sub if k not in own]
+    what = prefix.split(".")[0]
     if missing or unexpected:
-        parts = [f"missing spotlight keys: {_key_list(missing)}"] if missing else []
-        parts += [f"unexpected spotlight keys: {_key_list(unexpected)}"] if unexpected else []
-        raise AmrsegError(f"{flag}: {path} does not fit this model's spotlight branch ({'; '.join(parts)})")
+        parts = [f"missing {what} keys: {_key_list(missing)}"] if missing else []
+        parts += [f"unexpected {what} keys: {_key_list(unexpected)}"] if unexpected else []
+        raise AmrsegError(f"{flag}: the run does not fit this model's {prefix.rstrip('.')} ({'; '.join(parts)})")
     for key, value in sub.items():
         if not isinstance(value, torch.Tensor) or value.shape != own[key].shape:
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise AmrsegError(f"{flag}: {path}: spotlight.{key} has shape {shape}, "
-                              f"the model expects {tuple(own[key].shape)}")
-    model.spotlight.load_state_dict(sub)
+            raise AmrsegError(f"{flag}: {prefix}{key} has shape {shape}, the model expects {tuple(own[key].shape)}")
+    module.load_state_dict(sub)
+
+
+def load_backbone_weights(backbone: ResNet, pretrained: str, name: str) -> None:
+    """Backbone weights: imagenet | PATH | URL | none, or a train-cam RUN directory (its spotlight backbone)."""
+    if pretrained != "none" and "://" not in pretrained and Path(pretrained).is_dir():
+        flag = f"--pretrained {pretrained}"
+        load_prefixed(backbone, read_run_weights(pretrained, flag), "spotlight.backbone.", flag)
+    else:
+        load_pretrained(backbone, pretrained, name)
 
 
 def build_model(cfg: Config, num_classes: int) -> AMRNet:
@@ -194,6 +206,7 @@ def build_model(cfg: Config, num_classes: int) -> AMRNet:
         for _, branch in model.branches():
             load_pretrained(branch.backbone, cfg.model.pretrained, cfg.model.backbone)
     if cfg.model.init_spotlight:
-        _load_spotlight(model, cfg.model.init_spotlight)
+        flag = f"--init-spotlight {cfg.model.init_spotlight}"
+        load_prefixed(model.spotlight, read_run_weights(cfg.model.init_spotlight, flag), "spotlight.", flag)
     model.freeze(cfg.model)
     return model

@@ -14,7 +14,8 @@ from torch import nn
 
 from ..config import SegModelConfig
 from ..errors import AmrsegError
-from .resnet import ResNet, build_resnet, load_pretrained
+from .amr import load_backbone_weights
+from .resnet import ResNet, build_resnet
 
 # output stride -> (strides, dilations) of layer1..4; the stem is /4.
 _LAYOUTS = {8: ((1, 2, 1, 1), (1, 1, 2, 4)), 16: ((1, 2, 2, 1), (1, 1, 1, 2))}
@@ -65,10 +66,10 @@ class DeepLabV2(nn.Module):
 
 
 def build_deeplab(cfg: SegModelConfig, num_classes: int, load_weights: bool = True) -> DeepLabV2:
-    """DeepLabV2 of cfg; with load_weights, the backbone gets cfg.pretrained (imagenet, file, URL)."""
+    """DeepLabV2 of cfg; with load_weights, the backbone gets cfg.pretrained (imagenet, file, URL, cam RUN)."""
     model = DeepLabV2(cfg, num_classes)
-    if load_weights and cfg.pretrained != "none":
-        load_pretrained(model.backbone, cfg.pretrained, cfg.backbone)
+    if load_weights:
+        load_backbone_weights(model.backbone, cfg.pretrained, cfg.backbone)
     return model
 
 

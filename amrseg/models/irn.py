@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import IRNConfig, IRNModelConfig, load_run_config, merge, run_kind
+from ..config import IRNConfig, IRNModelConfig, merge
 from ..engine.common import load_torch
 from ..errors import AmrsegError
 from ..refine.affinity import (
@@ -32,7 +32,8 @@ from ..refine.affinity import (
     displacement_loss,
     extract_pairs,
 )
-from .resnet import ResNet, build_resnet, load_pretrained
+from .amr import load_backbone_weights
+from .resnet import ResNet, build_resnet
 
 
 def _head(cin: int, cout: int, groups: int) -> nn.Sequential:
@@ -144,40 +145,10 @@ def irn_loss(outputs: dict[str, torch.Tensor], label: torch.Tensor, radius: int)
 # --------------------------------------------------------------------------- weights
 
 
-def _load_cam_run_backbone(backbone: ResNet, run: Path, cfg: IRNModelConfig) -> None:
-    """The spotlight branch's backbone of a train-cam run (RUN/model.pt, keys spotlight.backbone.*)."""
-    flag = f"--pretrained {run}"
-    run_kind(run, "cam", "--pretrained")
-    saved = load_run_config(run, "cam")
-    if (saved.model.backbone, saved.model.base_width) != (cfg.backbone, cfg.base_width):
-        raise AmrsegError(f"{flag}: the run's backbone is {saved.model.backbone} with base width "
-                          f"{saved.model.base_width}, this IRN wants {cfg.backbone} with {cfg.base_width}")
-    state = load_torch(run / "model.pt", "trained model (is the train-cam run finished?)")
-    weights = state.get("state_dict")
-    if not isinstance(weights, dict):
-        raise AmrsegError(f"{run / 'model.pt'}: no state_dict of a trained run")
-    prefix = "spotlight.backbone."
-    sub = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-    try:
-        backbone.load_state_dict(sub)
-    except RuntimeError as e:
-        raise AmrsegError(f"{flag}: {run / 'model.pt'} does not fit the backbone "
-                          f"({' '.join(str(e).split())[:200]})") from None
-
-
-def load_backbone_weights(backbone: ResNet, cfg: IRNModelConfig) -> None:
-    """Backbone weights per cfg.pretrained: imagenet | PATH | URL | none | a train-cam RUN directory."""
-    source = cfg.pretrained
-    if source != "none" and "://" not in source and Path(source).is_dir():
-        _load_cam_run_backbone(backbone, Path(source), cfg)
-    else:
-        load_pretrained(backbone, source, cfg.backbone)
-
-
 def build_irn(cfg: IRNModelConfig) -> IRN:
     """IRN of cfg with its backbone weights loaded (and frozen)."""
     model = IRN(cfg)
-    load_backbone_weights(model.backbone, cfg)
+    load_backbone_weights(model.backbone, cfg.pretrained, cfg.backbone)
     return model
 
 
