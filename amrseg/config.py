@@ -16,7 +16,7 @@ import yaml
 from .errors import AmrsegError
 
 PRESET_DIR = Path(__file__).parent / "presets"
-PRESETS = ("cam", "amr", "amr-official", "amr-gtm")
+PRESETS = ("cam", "amr", "amr-block", "amr-official", "amr-gtm")
 
 
 @dataclass

@@ -73,7 +73,7 @@ def bn_stats(model):
     return {n: b.clone() for n, b in model.named_buffers() if "running_" in n}
 
 
-CASES = [(p, pre) for p in ("cam", "amr", "amr-official", "amr-gtm") for pre in (False, True)]
+CASES = [(p, pre) for p in ("cam", "amr", "amr-block", "amr-official", "amr-gtm") for pre in (False, True)]
 
 
 @pytest.mark.parametrize("preset,pretrained", CASES)
