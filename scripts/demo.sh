@@ -5,7 +5,7 @@
 set -euo pipefail
 PY=${PYTHON:-python3}
 OUT=${1:-demo}
-PRESET=${PRESET:-amr}
+PRESET=${PRESET:-amr-block}  # PRESET=amr make demo: the source document's placement (see README)
 mkdir -p "$OUT"
 amrseg() { "$PY" -m amrseg "$@"; }
 T0=$(date +%s)
