@@ -1,4 +1,4 @@
-"""Quality benchmark: cam vs amr vs amr-gtm on the Fashion-MNIST scenes, one fixed CPU recipe.
+"""Quality benchmark: cam vs the AMR presets on the Fashion-MNIST scenes, one fixed CPU recipe.
 
 Builds the scenes and a pretrained backbone (both reused when present), trains each preset with the
 same recipe, makes the val CAMs (with the branch maps, for the xi sweep), scores them with a
@@ -35,7 +35,7 @@ def main() -> None:
     p.add_argument("--val", type=int, default=500)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--presets", default="cam,amr,amr-gtm,amr-official")
+    p.add_argument("--presets", default="cam,amr,amr-block,amr-gtm,amr-official")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--scales", default="1.0,0.5,1.5")
     p.add_argument("--set", action="append", default=[], help="extra train-cam --set for every preset")
@@ -56,13 +56,13 @@ def main() -> None:
     for preset in a.presets.split(","):
         tag = preset + ("" if not a.set else "+" + "+".join(a.set))
         run_dir, cams = out / f"run-{tag}", out / f"cams-{tag}"
-        t0 = time.perf_counter()
+        t0, train_s = time.perf_counter(), None  # None: a finished run was reused
         if not (run_dir / "model.pt").exists():
             resume = ["--resume"] if (run_dir / "checkpoint.pt").exists() else []
             init = ["--init-spotlight", out / "run-cam"] if preset == "amr-official" else []
             run("train-cam", "--data", scenes, "--split", "train", "--preset", preset, "--out", run_dir, *recipe,
                 *init, *resume)
-        train_s = time.perf_counter() - t0
+            train_s = time.perf_counter() - t0
         run("make-cam", "--run", run_dir, "--data", scenes, "--split", "val", "--out", cams, "--scales", a.scales,
             "--save-branches")
         metrics = out / f"metrics-{tag}.json"
@@ -85,7 +85,8 @@ def main() -> None:
              "| preset | best threshold | mIoU | " + " | ".join(["bg", *names]) + " | train s |",
              "|---" * (len(names) + 5) + "|"]
     for tag, t, miou, ious, secs in rows:
-        lines.append(f"| {tag} | {t:.2f} | **{pct(miou)}** | " + " | ".join(pct(v) for v in ious) + f" | {secs:.0f} |")
+        secs = "-" if secs is None else f"{secs:.0f}"
+        lines.append(f"| {tag} | {t:.2f} | **{pct(miou)}** | " + " | ".join(pct(v) for v in ious) + f" | {secs} |")
     for tag, sweep in xi_rows:
         lines += ["", f"xi sweep for {tag} (xi = weight of the spotlight CAM; best threshold per xi):", "",
                   "| xi | " + " | ".join(f"{x:.1f}" for x, _, _ in sweep) + " |",

@@ -41,6 +41,9 @@ stamp
 echo "== 5/10 CAM gallery"
 amrseg visualize --cams "$OUT/cams-val" --data "$S" --split val --out "$OUT/gallery" --limit 40 \
     --metrics "$OUT/cam-val.json" >/dev/null
+"$PY" -c "import json, sys; m = json.load(open(sys.argv[1])); print(f'   CAM mIoU on val: {100 * m[\"miou\"]:.1f} at threshold {m[\"threshold\"]:.2f}; gallery: {sys.argv[2]}')" \
+    "$OUT/cam-val.json" "$OUT/gallery/index.html"
+stamp
 echo "== 6/10 IR labels: dense CRF at the high and low thresholds"
 amrseg pseudo-labels --cams "$OUT/cams-train" --data "$S" --split train --out "$OUT/ir-labels" --method crf \
     > "$OUT/ir-labels.json"
@@ -55,7 +58,7 @@ amrseg pseudo-labels --cams "$OUT/cams-train" --data "$S" --split train --out "$
 stamp
 echo "== 9/10 training DeepLab-v2 on the pseudo masks"
 train train-seg "$OUT/seg" --data "$S" --labels "$OUT/pseudo-masks" --split train --epochs 4 --lr 0.01 \
-    --pretrained "$OUT/backbone.pt" "${NET[@]}"
+    --set train.new_lr_mult=2 --pretrained "$OUT/$PRESET" "${NET[@]}"
 stamp
 echo "== 10/10 segmentation of val"
 amrseg eval-seg --run "$OUT/seg" --data "$S" --split val --scales 1.0,0.5,1.5 --save "$OUT/seg-val" \

@@ -1,0 +1,62 @@
+"""Where a segmentation run loses: localisation or classification.
+
+Scores a train-seg run on a split twice: as is, and with the image's ground-truth classes given
+(every class absent from the image-level labels is removed before the argmax). CAMs and pseudo
+masks are always made over the image's ground-truth classes, so the second figure is the one to
+set against their mIoU; the gap between the two is what the network loses by having to name the
+classes itself.
+
+Usage: python bench/seg_diagnosis.py --run SEG --data ROOT --split val [--scales 1.0]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from amrseg.data.voc import open_dataset  # noqa: E402
+from amrseg.engine.common import pick_device  # noqa: E402
+from amrseg.segment import evaluate_masks, load_seg_run, predict_probs  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--run", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="val")
+    p.add_argument("--scales", default="1.0")
+    a = p.parse_args()
+    device = pick_device("auto", 0)
+    data = open_dataset(a.data, a.split)
+    model, _, _ = load_seg_run(Path(a.run), device)
+    scales = [float(s) for s in a.scales.split(",")]
+    probs = {}
+
+    def probs_of(i: int) -> torch.Tensor:
+        if i not in probs:
+            probs[i] = predict_probs(model, data.load_image(i), scales, device).cpu()
+        return probs[i]
+
+    def plain(i: int) -> np.ndarray:
+        return probs_of(i).argmax(0).to(torch.uint8).numpy()
+
+    def given_classes(i: int) -> np.ndarray:
+        present = torch.cat([torch.ones(1, dtype=torch.bool), torch.as_tensor(data.labels[i]).bool()])
+        return probs_of(i).masked_fill(~present[:, None, None], -1).argmax(0).to(torch.uint8).numpy()
+
+    as_is = evaluate_masks(data, plain, desc="as is")
+    oracle = evaluate_masks(data, given_classes, desc="classes given")
+    pred_fg = np.mean([(plain(i) > 0).mean() for i in range(len(data))])
+    gt_fg = np.mean([(data.load_mask(i) > 0).mean() for i in range(len(data)) if data.mask_paths[i] is not None])
+    print(f"| run | split | mIoU | mIoU, image classes given | foreground predicted | foreground in GT |\n"
+          f"|---|---|---|---|---|---|\n"
+          f"| {a.run} | {a.split} | {100 * as_is['miou']:.1f} | {100 * oracle['miou']:.1f} | "
+          f"{100 * pred_fg:.1f}% | {100 * gt_fg:.1f}% |")
+
+
+if __name__ == "__main__":
+    main()
