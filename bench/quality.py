@@ -8,12 +8,18 @@ it stopped.
 
 amr-official is initialised from this benchmark's cam run (--init-spotlight), so list cam first.
 
+With --train-seeds 0,1,2 every preset is trained once per seed (same scenes, same backbone) and a
+second table gives the mean and spread of each preset's mIoU: the run-to-run noise that a gap
+between two presets has to beat.
+
 Usage: python bench/quality.py [--out bench/out] [--train 3000] [--val 500] [--epochs 4] [--lr 0.05]
+                               [--presets cam,amr-block] [--train-seeds 0,1,2]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,7 +42,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--presets", default="cam,amr,amr-block,amr-gtm,amr-official")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1, help="seed of the scenes")
+    p.add_argument("--train-seeds", default="0", help="train-cam --seed of each run, comma-separated")
     p.add_argument("--scales", default="1.0,0.5,1.5")
     p.add_argument("--set", action="append", default=[], help="extra train-cam --set for every preset")
     a = p.parse_args()
@@ -48,20 +55,23 @@ def main() -> None:
         run("pretrain-backbone", "--out", backbone, "--backbone", "resnet18", "--base-width", 32, "--epochs", 2,
             "--items", 16000, "--size", 96)
     recipe = ["--backbone", "resnet18", "--base-width", "32", "--pretrained", str(backbone), "--crop", "128",
-              "--batch-size", "16", "--epochs", str(a.epochs), "--lr", str(a.lr), "--seed", "0"]
+              "--batch-size", "16", "--epochs", str(a.epochs), "--lr", str(a.lr)]
     for s in a.set:
         recipe += ["--set", s]
     rows, xi_rows = [], []
     names = None
-    for preset in a.presets.split(","):
-        tag = preset + ("" if not a.set else "+" + "+".join(a.set))
+    by_preset: dict[str, list[float]] = {}
+    runs = [(preset, int(seed)) for seed in a.train_seeds.split(",") for preset in a.presets.split(",")]
+    for preset, seed in runs:
+        seed_tag = "" if seed == 0 else f"-seed{seed}"  # seed 0 keeps the single-run names
+        tag = preset + seed_tag + ("" if not a.set else "+" + "+".join(a.set))
         run_dir, cams = out / f"run-{tag}", out / f"cams-{tag}"
         t0, train_s = time.perf_counter(), None  # None: a finished run was reused
         if not (run_dir / "model.pt").exists():
             resume = ["--resume"] if (run_dir / "checkpoint.pt").exists() else []
-            init = ["--init-spotlight", out / "run-cam"] if preset == "amr-official" else []
+            init = ["--init-spotlight", out / f"run-cam{seed_tag}"] if preset == "amr-official" else []
             run("train-cam", "--data", scenes, "--split", "train", "--preset", preset, "--out", run_dir, *recipe,
-                *init, *resume)
+                "--seed", seed, *init, *resume)
             train_s = time.perf_counter() - t0
         run("make-cam", "--run", run_dir, "--data", scenes, "--split", "val", "--out", cams, "--scales", a.scales,
             "--save-branches")
@@ -71,6 +81,7 @@ def main() -> None:
         m = json.loads(metrics.read_text())
         names = [n for n in m["iou"] if n != "background"]
         rows.append((tag, m["threshold"], m["miou"], [m["iou"][n] for n in ["background", *names]], train_s))
+        by_preset.setdefault(preset, []).append(m["miou"])
         if preset != "cam":
             xi_json = out / f"xi-{tag}.json"
             run("eval-cam", "--cams", cams, "--data", scenes, "--split", "val", "--sweep", "0.05:0.70:0.05",
@@ -92,6 +103,13 @@ def main() -> None:
                   "| xi | " + " | ".join(f"{x:.1f}" for x, _, _ in sweep) + " |",
                   "|---" * (len(sweep) + 1) + "|",
                   "| mIoU | " + " | ".join(pct(m) for _, _, m in sweep) + " |"]
+    if any(len(v) > 1 for v in by_preset.values()):
+        lines += ["", f"Over the train seeds {a.train_seeds} (mIoU; sd is the sample standard deviation):", "",
+                  "| preset | runs | mean | sd | min | max |", "|---|---|---|---|---|---|"]
+        for preset, v in by_preset.items():
+            sd = statistics.stdev(v) if len(v) > 1 else float("nan")
+            lines.append(f"| {preset} | {len(v)} | **{pct(statistics.mean(v))}** | {pct(sd)} | {pct(min(v))} | "
+                         f"{pct(max(v))} |")
     text = "\n".join(lines)
     print(text)
     (out / "quality.md").write_text(text + "\n")

@@ -6,7 +6,12 @@ masks are always made over the image's ground-truth classes, so the second figur
 set against their mIoU; the gap between the two is what the network loses by having to name the
 classes itself.
 
-Usage: python bench/seg_diagnosis.py --run SEG --data ROOT --split val [--scales 1.0]
+With --cam-run RUN it also scores how well that train-cam run names the classes of each image, with
+the rule make-cam uses for unlabelled images (sigmoid of the branch-mean logits of the image and its
+flip > 0.5; the top class when none is): the share of images whose class set is exactly right,
+and the precision and recall of the predicted classes.
+
+Usage: python bench/seg_diagnosis.py --run SEG --data ROOT --split val [--scales 1.0] [--cam-run RUN]
 """
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from amrseg.cam.infer import InferConfig, _branch_maps, _fill_keys, load_run  # noqa: E402
+from amrseg.data.transforms import normalize  # noqa: E402
 from amrseg.data.voc import open_dataset  # noqa: E402
 from amrseg.engine.common import pick_device  # noqa: E402
 from amrseg.segment import evaluate_masks, load_seg_run, predict_probs  # noqa: E402
@@ -29,6 +36,7 @@ def main() -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="val")
     p.add_argument("--scales", default="1.0")
+    p.add_argument("--cam-run", help="a train-cam run: also score its image-level class predictions")
     a = p.parse_args()
     device = pick_device("auto", 0)
     data = open_dataset(a.data, a.split)
@@ -56,6 +64,26 @@ def main() -> None:
           f"|---|---|---|---|---|---|\n"
           f"| {a.run} | {a.split} | {100 * as_is['miou']:.1f} | {100 * oracle['miou']:.1f} | "
           f"{100 * pred_fg:.1f}% | {100 * gt_fg:.1f}% |")
+    if a.cam_run:
+        print("\n" + classification_row(Path(a.cam_run), data, device))
+
+
+def classification_row(run: Path, data, device: torch.device) -> str:
+    """How well a train-cam run names the classes of the split's images (make-cam's rule for unlabelled images)."""
+    model, _, _ = load_run(run, device)
+    exact = tp = fp = fn = 0
+    for i in range(len(data)):
+        x = normalize(data.load_image(i))[None].to(device)
+        with torch.inference_mode():
+            out = _branch_maps(model, torch.cat([x, x.flip(-1)]), "cam")
+        keys = [None]
+        _fill_keys(out, keys, InferConfig())
+        pred, gt = set(keys[0].tolist()), set(np.flatnonzero(data.labels[i]).tolist())
+        exact += pred == gt
+        tp, fp, fn = tp + len(pred & gt), fp + len(pred - gt), fn + len(gt - pred)
+    return (f"| classifier | split | class set exactly right | precision | recall |\n|---|---|---|---|---|\n"
+            f"| {run} | {data.split} | {100 * exact / len(data):.1f}% | {100 * tp / max(tp + fp, 1):.1f}% | "
+            f"{100 * tp / max(tp + fn, 1):.1f}% |")
 
 
 if __name__ == "__main__":

@@ -29,4 +29,4 @@ if [ ! -e "$FMNIST/train-images-idx3-ubyte.gz" ] && [ -z "${AMRSEG_FMNIST:-}" ];
     fi
 fi
 
-"$PY" -m pip install -q --no-build-isolation -e ".[dev,crf]"
+"$PY" -m pip install -q --no-build-isolation -e ".[dev,crf,viz]"
