@@ -40,8 +40,30 @@ def test_batched_equals_the_per_image_per_scale_loop(method, preset):
         for name in ref:
             torch.testing.assert_close(maps[name], ref[name], atol=1e-4, rtol=0)
         assert maps["fused"].shape == (len(keys[b]), 28, 24)
-        peaks = maps["fused"].flatten(1).max(1).values  # 1 after normalisation, 0 for an empty map
-        assert all(p == 0 or 0.99 < p <= 1.0 for p in peaks.tolist()) and peaks.max() > 0.99
+        peaks = maps["fused"].flatten(1).max(1).values  # every map peaks at 1 (CONTRACT.md)
+        assert all(0.99 < p <= 1.0 for p in peaks.tolist())
+
+
+@pytest.mark.parametrize("method", ["cam", "gradcam", "advcam"])
+def test_a_class_no_branch_activates_gets_the_peak_of_its_raw_score(method):
+    model = _model("amr")
+    with torch.no_grad():  # features are >= 0 (ReLU, positive gates): class 2 scores < 0 everywhere
+        for _, branch in model.branches():
+            branch.classifier.weight[2] = -branch.classifier.weight[2].abs() - 0.01
+    image = torch.randn(1, 3, 28, 24)
+    icfg = InferConfig(method=method, scales=[1.0], adv_steps=2)
+    (_, maps), = cams_for_batch(model, image, [torch.tensor([0, 2])], icfg)
+    for name, branch in model.branches():
+        # by hand: the raw score W_2 . F of the image plus that of its flip, flipped back, upsampled
+        w = branch.classifier.weight[2, :, 0, 0]
+        raw = torch.einsum("c,nchw->nhw", w, branch.features(image)) + \
+            torch.einsum("c,nchw->nhw", w, branch.features(image.flip(-1))).flip(-1)
+        raw = torch.nn.functional.interpolate(raw[None], size=(28, 24), mode="bilinear", align_corners=False)[0, 0]
+        assert raw.max() < 0
+        expected = (raw == raw.max()).float()
+        assert 0 < expected.sum() < expected.numel()
+        torch.testing.assert_close(maps[name][1], expected)
+    assert maps["fused"][1].max() > 0.99 and maps["fused"][0].max() > 0.99  # class 0 keeps its ordinary map
 
 
 def test_gradcam_closed_form_matches_autograd():

@@ -32,7 +32,7 @@ from ..engine.common import init_distributed, load_torch, pick_device, progress
 from ..errors import AmrsegError
 from ..fileio import write_text
 from ..models.amr import AMRNet
-from .io import normalise_max, save_cam
+from .io import fuse, normalise_max, save_cam
 
 METHODS = ("cam", "gradcam", "advcam")
 CAMS_META = "cams.json"  # CAMS/cams.json: {"method", "run", "scales", "xi"} of the make-cam call
@@ -91,18 +91,21 @@ def gradcam_maps(feat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.relu(torch.einsum("nkc,nchw->nkhw", grad_sum / n_pos, feat))
 
 
-def _branch_maps(model: AMRNet, x: torch.Tensor, method: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{branch: (maps [N, K, h, w], logits [N, K])} for the cam and gradcam methods."""
+def _branch_maps(model: AMRNet, x: torch.Tensor, method: str
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """{branch: (maps [N, K, h, w], logits [N, K], raw class scores W . F [N, K, h, w])}.
+
+    maps are the method's (cam: ReLU(W . F); gradcam: Grad-CAM); the raw scores, before the ReLU,
+    are the fallback of a class whose maps are 0 everywhere (see cams_for_batch).
+    """
     feats = model.branch_features(x)
     out = {}
     for name, branch in model.branches():
         f = feats[name]
         w = branch.classifier.weight.flatten(1)
-        if method == "cam":
-            maps = F.relu(torch.einsum("kc,nchw->nkhw", w, f))
-        else:
-            maps = gradcam_maps(f, w)
-        out[name] = (maps, torch.einsum("kc,nc->nk", w, f.mean(dim=(2, 3))))
+        raw = torch.einsum("kc,nchw->nkhw", w, f)
+        maps = F.relu(raw) if method == "cam" else gradcam_maps(f, w)
+        out[name] = (maps, torch.einsum("kc,nc->nk", w, f.mean(dim=(2, 3))), raw)
     return out
 
 
@@ -183,58 +186,87 @@ def cams_for_batch(model: AMRNet, images: torch.Tensor, keys: list[Optional[torc
                    ) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
     """Fused and per-branch maps of a batch of same-size images.
 
+    Each branch's maps are summed over scales and flips and divided by their own max (+1e-5). A
+    class that no branch activates anywhere (every map 0: the classifier sees no positive evidence
+    for it at any scale) would stay 0; it gets instead, in each branch, 1 at the peak of its raw class
+    scores W . F (summed the same way) and 0 elsewhere: every stored map peaks at 1 (CONTRACT.md).
+
     Args:
         images: [B, 3, H, W] normalised.
         keys: per image, its foreground class indices, or None to use the classes the classifier
             predicts (sigmoid score of the branch mean > score_threshold; the top class if none is).
     Returns:
-        per image (keys [n], {'fused': [n, H, W], branch name: [n, H, W]}), each map max-normalised.
+        per image (keys [n], {'fused': [n, H, W], branch name: [n, H, W]}), each map peaking at 1.
     """
     B, _, H, W = images.shape
     scales = sorted(icfg.scales, key=lambda s: s != 1.0)  # scale 1.0 first: it decides unlabelled keys
     sums: list[dict[str, torch.Tensor]] = [dict() for _ in range(B)]
+    raws: list[dict[str, torch.Tensor]] = [dict() for _ in range(B)]
+
+    def add(total: dict, name: str, m: torch.Tensor) -> None:  # total[name] += m [n, h, w] resized to H x W
+        total[name] = total.get(name, 0) + F.interpolate(m[None], size=(H, W), mode="bilinear",
+                                                         align_corners=False)[0]
+
     for s in scales:
         h, w = max(1, round(H * s)), max(1, round(W * s))
         x = images if (h, w) == (H, W) else F.interpolate(images, size=(h, w), mode="bilinear", align_corners=False)
         x = torch.cat([x, x.flip(-1)])
+        with torch.inference_mode():
+            out = _branch_maps(model, x, "cam" if icfg.method == "advcam" else icfg.method)
+        _fill_keys(out, keys, icfg)
+        for name, (maps, _, raw) in out.items():
+            maps, raw = maps[:B] + maps[B:].flip(-1), raw[:B] + raw[B:].flip(-1)
+            for b in range(B):
+                add(raws[b], name, raw[b, keys[b]])
+                if icfg.method != "advcam":
+                    add(sums[b], name, maps[b, keys[b]])
         if icfg.method == "advcam":
             steps = icfg.adv_steps // 2 if s == 0.5 else icfg.adv_steps
-            _resolve_keys(model, x, keys, icfg)
             for b in range(B):
                 k = keys[b]
                 if len(k) == 0:
                     continue
                 rows = torch.cat([x[b:b + 1].expand(len(k), -1, -1, -1), x[B + b:B + b + 1].expand(len(k), -1, -1, -1)])
-                maps = _advcam_maps(model, rows, torch.cat([k, k]), steps, icfg)
-                for name, m in maps.items():
-                    m = m[:len(k)] + m[len(k):].flip(-1)
-                    up = F.interpolate(m[None], size=(H, W), mode="bilinear", align_corners=False)[0]
-                    sums[b][name] = sums[b].get(name, 0) + up
-            continue
-        with torch.inference_mode():
-            out = _branch_maps(model, x, icfg.method)
-        _fill_keys(out, keys, icfg)
-        for name, (maps, _) in out.items():
-            maps = maps[:B] + maps[B:].flip(-1)
-            for b in range(B):
-                m = maps[b, keys[b]]
-                up = F.interpolate(m[None], size=(H, W), mode="bilinear", align_corners=False)[0]
-                sums[b][name] = sums[b].get(name, 0) + up
+                for name, m in _advcam_maps(model, rows, torch.cat([k, k]), steps, icfg).items():
+                    add(sums[b], name, m[:len(k)] + m[len(k):].flip(-1))
     results = []
     for b in range(B):
-        n = len(keys[b])
-        branch = {name: normalise_max(m) for name, m in sums[b].items()} if n else \
-            {name: images.new_zeros(0, H, W) for name, _ in model.branches()}
-        if "compensation" in branch:
-            fused = normalise_max(icfg.xi * branch["spotlight"] + (1 - icfg.xi) * branch["compensation"])
+        if len(keys[b]):
+            branch = _normalise(sums[b], raws[b])
         else:
-            fused = branch["spotlight"]
-        branch["fused"] = fused
+            branch = {name: images.new_zeros(0, H, W) for name, _ in model.branches()}
+        branch["fused"] = fuse(branch["spotlight"], branch["compensation"], icfg.xi) if "compensation" in branch \
+            else branch["spotlight"]
         results.append((keys[b], branch))
     return results
 
 
-def _fill_keys(out: dict[str, tuple[torch.Tensor, torch.Tensor]], keys: list, icfg: InferConfig) -> None:
+def _normalise(sums: dict[str, torch.Tensor], raws: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-class max normalisation of each branch; the peaks of the raw scores for the classes no branch activates."""
+    dead = torch.stack([m.flatten(1).amax(1) <= 0 for m in sums.values()]).all(0)  # [n]
+    out = {}
+    for name, m in sums.items():
+        m = normalise_max(m)
+        if bool(dead.any()):
+            m = torch.where(dead[:, None, None], peak_map(raws[name]), m)
+        out[name] = m
+    return out
+
+
+def peak_map(maps: torch.Tensor) -> torch.Tensor:
+    """1 where each map [..., H, W] reaches its own max, 0 elsewhere; all 0 for a constant map.
+
+    The map of a class that no branch activates: it marks where the classifier finds the class
+    least unlikely, and nothing more. Spreading it (min-max of the raw scores, exp(raw - max))
+    lost 1 to 9 mIoU points on the demo's val CAMs (NOTES.md): those classes then take pixels of
+    classes the classifier does see.
+    """
+    peak = maps == maps.amax(dim=(-2, -1), keepdim=True)
+    flat = peak.flatten(-2).all(-1)[..., None, None]
+    return (peak & ~flat).to(maps.dtype)
+
+
+def _fill_keys(out: dict[str, tuple[torch.Tensor, ...]], keys: list, icfg: InferConfig) -> None:
     """Predicted classes for the images whose keys are None.
 
     `out` is _branch_maps of [images, flipped images]; the score is the sigmoid of the logits
@@ -243,18 +275,12 @@ def _fill_keys(out: dict[str, tuple[torch.Tensor, torch.Tensor]], keys: list, ic
     if all(k is not None for k in keys):
         return
     B = len(keys)
-    logits = torch.stack([lg for _, lg in out.values()]).mean(0)
+    logits = torch.stack([lg for _, lg, _ in out.values()]).mean(0)
     scores = torch.sigmoid((logits[:B] + logits[B:]) / 2)
     for b, k in enumerate(keys):
         if k is None:
             picked = torch.nonzero(scores[b] > icfg.score_threshold).flatten()
             keys[b] = picked if len(picked) else scores[b].argmax().reshape(1)
-
-
-def _resolve_keys(model: AMRNet, x2: torch.Tensor, keys: list, icfg: InferConfig) -> None:
-    if any(k is None for k in keys):
-        with torch.inference_mode():
-            _fill_keys(_branch_maps(model, x2, "cam"), keys, icfg)
 
 
 # --------------------------------------------------------------------------- the stage
