@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from amrseg.cam.io import fuse, load_cam, normalise_max, save_cam
+from amrseg.cam.io import evidence, fuse, load_cam, normalise_max, save_cam
 from amrseg.errors import AmrsegError
 
 
@@ -36,6 +36,22 @@ def test_round_trip(tmp_path, dtype):
     np.testing.assert_allclose(out["high_res"], high_res, atol=tol)
     np.testing.assert_allclose(out["cam"], cam, atol=tol)
     np.testing.assert_allclose(out["high_res_compensation"], branches["compensation"], atol=tol)
+
+
+def test_active_round_trip_and_evidence(tmp_path):
+    keys = np.array([0, 3, 5], dtype=np.int64)
+    high_res, cam = _maps(n=3), _maps(n=3, h=2, w=2, seed=1)
+    branches = {"spotlight": _maps(n=3, seed=2), "compensation": _maps(n=3, seed=3)}
+    active = np.array([True, False, True])
+    out = load_cam(save_cam(tmp_path / "a.npz", keys, high_res, cam=cam, branches=branches, active=active))
+    assert out["active"].dtype == np.bool_ and out["active"].tolist() == [True, False, True]
+    ev = evidence(out)
+    for name in ("high_res", "cam", "high_res_spotlight", "high_res_compensation"):
+        assert not ev[name][1].any()  # the inactive class reads as no evidence
+        np.testing.assert_array_equal(ev[name][[0, 2]], out[name][[0, 2]])
+        assert out[name][1].any()  # the loaded arrays themselves are untouched
+    plain = {"keys": keys, "high_res": high_res}
+    assert evidence(plain) is plain  # no 'active': nothing to do
 
 
 def test_minimal_file_and_no_classes(tmp_path):
@@ -106,6 +122,10 @@ def test_pickled_objects_are_refused(tmp_path):
           "high_res_spotlight": np.zeros((1, 2, 3), np.float32)}, "differs from 'high_res'"),
         ({"keys": np.array([0]), "high_res": np.zeros((1, 2, 2), np.float32),
           "cam": np.full((1, 1, 1), 2.0, np.float32)}, "'cam' values"),
+        ({"keys": np.array([0]), "high_res": np.zeros((1, 2, 2), np.float32),
+          "active": np.array([1], np.uint8)}, "'active' must be bool"),
+        ({"keys": np.array([0]), "high_res": np.zeros((1, 2, 2), np.float32),
+          "active": np.array([True, False])}, "'active' must be bool [1]"),
     ],
 )
 def test_broken_invariants(tmp_path, arrays, match):

@@ -64,6 +64,7 @@ def test_a_class_no_branch_activates_gets_the_peak_of_its_raw_score(method):
         assert 0 < expected.sum() < expected.numel()
         torch.testing.assert_close(maps[name][1], expected)
     assert maps["fused"][1].max() > 0.99 and maps["fused"][0].max() > 0.99  # class 0 keeps its ordinary map
+    assert maps["active"].tolist() == [True, False]
 
 
 def test_gradcam_closed_form_matches_autograd():
@@ -140,6 +141,7 @@ def test_make_cam_cli_files_invariants_and_rerun(tiny_voc, trained_run, tmp_path
         hr = files["high_res"].astype(np.float32)
         assert hr.min() >= 0 and np.allclose(hr.reshape(len(hr), -1).max(1), 1.0, atol=1e-3)
         assert files["high_res_spotlight"].shape == files["high_res"].shape
+        assert files["active"].dtype == np.bool_ and files["active"].shape == files["keys"].shape
         stamps[path] = (path.read_bytes(), os.stat(path).st_mtime_ns)
     # a re-run skips the finished files and leaves them untouched
     (cams / f"{data.ids[0]}.npz").unlink()

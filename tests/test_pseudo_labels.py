@@ -199,3 +199,17 @@ def test_bad_input_is_one_line(tiny_voc, tmp_path, capsys):
     for workers in ("1", "2"):
         assert _pseudo(cams, tiny_voc, out, "crf", "--no-crf", "--workers", workers, split="val") == 2
         _one_line_error(capsys, f"{data.ids[2]}.jpg", "cannot read image")
+
+
+def test_inactive_classes_are_read_as_no_evidence(tmp_path):
+    # make-cam gives a class the classifier activates nowhere a one-pixel peak (so the map peaks at
+    # 1) and active=False; the random walk would grow the peak into a blob, so pseudo-labels reads 0.
+    from amrseg.refine.pseudo_labels import _checked_cam
+
+    peak = np.zeros((2, 6, 5), np.float32)
+    peak[0, 1:4, 1:3] = 1.0
+    peak[1, 5, 4] = 1.0
+    path = save_cam(tmp_path / "x.npz", np.array([0, 2]), peak, active=np.array([True, False]))
+    cam = _checked_cam(path, (6, 5), num_classes=3)
+    np.testing.assert_array_equal(cam["high_res"][0], peak[0])
+    assert not cam["high_res"][1].any()

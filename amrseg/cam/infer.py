@@ -189,14 +189,16 @@ def cams_for_batch(model: AMRNet, images: torch.Tensor, keys: list[Optional[torc
     Each branch's maps are summed over scales and flips and divided by their own max (+1e-5). A
     class that no branch activates anywhere (every map 0: the classifier sees no positive evidence
     for it at any scale) would stay 0; it gets instead, in each branch, 1 at the peak of its raw class
-    scores W . F (summed the same way) and 0 elsewhere: every stored map peaks at 1 (CONTRACT.md).
+    scores W . F (summed the same way) and 0 elsewhere, so every stored map peaks at 1 (CONTRACT.md),
+    and 'active' False, so that the stages after the CAMs treat it as having no evidence.
 
     Args:
         images: [B, 3, H, W] normalised.
         keys: per image, its foreground class indices, or None to use the classes the classifier
             predicts (sigmoid score of the branch mean > score_threshold; the top class if none is).
     Returns:
-        per image (keys [n], {'fused': [n, H, W], branch name: [n, H, W]}), each map peaking at 1.
+        per image (keys [n], {'fused': [n, H, W], branch name: [n, H, W], 'active': bool [n]}), each
+        map peaking at 1.
     """
     B, _, H, W = images.shape
     scales = sorted(icfg.scales, key=lambda s: s != 1.0)  # scale 1.0 first: it decides unlabelled keys
@@ -232,17 +234,21 @@ def cams_for_batch(model: AMRNet, images: torch.Tensor, keys: list[Optional[torc
     results = []
     for b in range(B):
         if len(keys[b]):
-            branch = _normalise(sums[b], raws[b])
+            branch, active = _normalise(sums[b], raws[b])
         else:
             branch = {name: images.new_zeros(0, H, W) for name, _ in model.branches()}
+            active = torch.ones(0, dtype=torch.bool, device=images.device)
         branch["fused"] = fuse(branch["spotlight"], branch["compensation"], icfg.xi) if "compensation" in branch \
             else branch["spotlight"]
+        branch["active"] = active
         results.append((keys[b], branch))
     return results
 
 
-def _normalise(sums: dict[str, torch.Tensor], raws: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-class max normalisation of each branch; the peaks of the raw scores for the classes no branch activates."""
+def _normalise(sums: dict[str, torch.Tensor], raws: dict[str, torch.Tensor]
+               ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Per-class max normalisation of each branch; the peaks of the raw scores for the classes no
+    branch activates. Returns the maps and `active` [n] (False for those classes)."""
     dead = torch.stack([m.flatten(1).amax(1) <= 0 for m in sums.values()]).all(0)  # [n]
     out = {}
     for name, m in sums.items():
@@ -250,7 +256,7 @@ def _normalise(sums: dict[str, torch.Tensor], raws: dict[str, torch.Tensor]) -> 
         if bool(dead.any()):
             m = torch.where(dead[:, None, None], peak_map(raws[name]), m)
         out[name] = m
-    return out
+    return out, ~dead
 
 
 def peak_map(maps: torch.Tensor) -> torch.Tensor:
@@ -259,7 +265,8 @@ def peak_map(maps: torch.Tensor) -> torch.Tensor:
     The map of a class that no branch activates: it marks where the classifier finds the class
     least unlikely, and nothing more. Spreading it (min-max of the raw scores, exp(raw - max))
     lost 1 to 9 mIoU points on the demo's val CAMs (NOTES.md): those classes then take pixels of
-    classes the classifier does see.
+    classes the classifier does see. The random walk would spread even the peak, which is why
+    pseudo-labels reads these maps as 0 (cam.io.evidence).
     """
     peak = maps == maps.amax(dim=(-2, -1), keepdim=True)
     flat = peak.flatten(-2).all(-1)[..., None, None]
@@ -338,7 +345,8 @@ def make_cams(run: Path, data: str, split: str, out: Path, icfg: InferConfig, sh
                 if icfg.save_branches and "compensation" in maps:
                     branches = {name: maps[name].float().cpu().numpy() for name in ("spotlight", "compensation")}
                 save_cam(out / f"{dataset.ids[i]}.npz", keys=k.cpu().numpy().astype(np.int64),
-                         high_res=maps["fused"].float().cpu().numpy(), branches=branches)
+                         high_res=maps["fused"].float().cpu().numpy(), branches=branches,
+                         active=maps["active"].cpu().numpy())
             bar.update(len(index))
     return {"out": str(out), "written": len(pending), "skipped": skipped, "method": icfg.method,
             "scales": list(icfg.scales), "xi": icfg.xi, "preset": cfg.preset}

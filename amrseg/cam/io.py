@@ -6,6 +6,9 @@ Arrays of one file:
     cam:      optional, the same at stride 4.
     high_res_spotlight, high_res_compensation: optional per-branch maps, shaped and normalised as
               high_res, so that the branch weight xi can be swept after inference (see `fuse`).
+    active:   optional bool [n]: False for a class that the classifier activates nowhere, whose
+              maps make-cam sets to 1 at the peak of its raw score (so that every map peaks at 1)
+              and that the stages after the CAMs treat as having no evidence (`evidence`).
 """
 from __future__ import annotations
 
@@ -73,6 +76,7 @@ def save_cam(
     high_res: np.ndarray,
     cam: Optional[np.ndarray] = None,
     branches: Optional[dict[str, np.ndarray]] = None,
+    active: Optional[np.ndarray] = None,
     dtype: type = np.float16,
 ) -> Path:
     """Writes one CAM file atomically (compressed npz, no pickled objects).
@@ -84,6 +88,7 @@ def save_cam(
         cam: Optional [n, h, w] maps at stride 4.
         branches: Optional {"spotlight": [n, H, W], "compensation": [n, H, W]} per-branch maps,
             normalised like high_res; stored as high_res_spotlight / high_res_compensation.
+        active: Optional bool [n], False for the classes the classifier activates nowhere.
         dtype: Storage dtype of the maps, np.float16 (default, half the disk) or np.float32.
 
     Returns:
@@ -101,6 +106,8 @@ def save_cam(
         if name not in BRANCHES:
             raise ValueError(f"unknown branch {name!r}; expected one of {BRANCHES}")
         arrays[f"high_res_{name}"] = np.asarray(maps, dtype=dtype)
+    if active is not None:
+        arrays["active"] = np.asarray(active)
     # Same checks as the reader: a bad file is caught where it is made, not stages later.
     _validate(path, arrays)
 
@@ -146,6 +153,21 @@ def load_cam(path: Union[str, Path]) -> dict[str, np.ndarray]:
     return arrays
 
 
+def evidence(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The arrays of a CAM file with the maps of inactive classes set to 0 (a copy where any is).
+
+    For the stages that spread the maps (IR labels, the random walk): there a peak with no evidence
+    behind it grows into a blob. Files without 'active' are returned as they are.
+    """
+    if "active" not in arrays or arrays["active"].all():
+        return arrays
+    out = dict(arrays)
+    for name in _MAP_ARRAYS:
+        if name in out:
+            out[name] = np.where(arrays["active"][:, None, None], out[name], np.zeros_like(out[name]))
+    return out
+
+
 def _validate(path: Union[str, Path], arrays: dict[str, np.ndarray]) -> None:
     """Raises AmrsegError naming `path` unless `arrays` satisfy the CAM file invariants."""
 
@@ -160,6 +182,8 @@ def _validate(path: Union[str, Path], arrays: dict[str, np.ndarray]) -> None:
         fail(f"'keys' must be int64 [n], got {keys.dtype} {list(keys.shape)}")
     if keys.size and (keys[0] < 0 or np.any(np.diff(keys) <= 0)):
         fail(f"'keys' must be non-negative, ascending and unique, got {keys.tolist()}")
+    if "active" in arrays and (arrays["active"].dtype != np.bool_ or arrays["active"].shape != keys.shape):
+        fail(f"'active' must be bool [{keys.size}], got {arrays['active'].dtype} {list(arrays['active'].shape)}")
     high_res = arrays["high_res"]
     for name in _MAP_ARRAYS:
         if name not in arrays:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cam.infer import CAMS_META
-from ..cam.io import load_cam
+from ..cam.io import evidence, load_cam
 from ..config import run_kind
 from ..data.transforms import normalize
 from ..data.voc import IGNORE, SegData, read_image, read_mask, write_palette_png
@@ -98,7 +98,8 @@ def cam_paths(cams: Path, data: SegData) -> list[Path]:
 
 
 def _checked_cam(path: Path, size: tuple[int, int], num_classes: int) -> dict[str, np.ndarray]:
-    cam = load_cam(path)
+    """The arrays of a CAM file, checked against the image, with inactive classes' maps at 0."""
+    cam = evidence(load_cam(path))
     keys = cam["keys"]
     if keys.size and keys[-1] >= num_classes:
         raise AmrsegError(f"{path}: class key {int(keys[-1])} is outside the dataset's {num_classes} classes")
