@@ -6,6 +6,7 @@ Unknown keys are an error at every level, and the resolved config is saved next 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .errors import AmrsegError
+from .errors import AmrsegError, ConfigError
 
 PRESET_DIR = Path(__file__).parent / "presets"
 PRESETS = ("cam", "amr", "amr-block", "amr-official", "amr-gtm")
@@ -31,6 +32,16 @@ class ModelConfig:
     freeze_spotlight_backbone: bool = False  # release: spotlight is a trained CAM net, frozen
     freeze_compensation: list = field(default_factory=list)  # module names, e.g. [conv1, bn1, layer1]
     init_spotlight: Optional[str] = None  # RUN dir or weights file of a trained `cam` run
+    # new: AMMs + classifiers at new_lr_mult (AMR.md section 4) | release: the compensation backbone and
+    # its AMMs at new_lr_mult, both classifiers and the spotlight backbone at 1x (the release's train_amr)
+    lr_groups: str = "new"
+
+    def validate(self, prefix: str = "model.") -> None:
+        check_choice(prefix + "backbone", self.backbone, BACKBONES)
+        check_choice(prefix + "lr_groups", self.lr_groups, ("new", "release"))
+        check_range(prefix + "base_width", self.base_width, lo=1)
+        check_strides(prefix + "strides", self.strides)
+        check_range(prefix + "pretrained", self.pretrained, nonempty=True)
 
 
 @dataclass
@@ -39,9 +50,25 @@ class AMMConfig:
     stages: list = field(default_factory=lambda: [1, 2, 3, 4])  # which of layer1..4 carry AMMs
     gaussian: str = "unit"  # unit: exp(-(z-mu)^2 / 2 sigma^2), peak 1 | pdf: divided by sqrt(2 pi) sigma
     stats: str = "sample"  # sample: mu, sigma per image | batch: over the batch tensor (release)
+    # in eval mode (make-cam): sample: per image | pair: Gaussian and spatial-gate BN statistics over
+    # each image + flip pair, as the release's make-cam batch of two
+    eval_stats: str = "sample"
     threshold: Optional[float] = None  # Gaussian threshold modulation tau; None = off
     reduction: int = 16  # channel-gate MLP bottleneck
     eps: float = 1.0e-6  # sigma + eps, so that a constant input gives no NaN
+
+    def validate(self, prefix: str = "amm.") -> None:
+        check_choice(prefix + "placement", self.placement, ("stage", "block"))
+        check_choice(prefix + "gaussian", self.gaussian, ("unit", "pdf"))
+        check_choice(prefix + "stats", self.stats, ("sample", "batch"))
+        check_choice(prefix + "eval_stats", self.eval_stats, ("sample", "pair"))
+        if not self.stages or any(s not in (1, 2, 3, 4) for s in self.stages) \
+                or len(set(self.stages)) != len(self.stages):
+            raise ConfigError(prefix + "stages", self.stages, "expected distinct stage numbers from 1..4")
+        if self.threshold is not None:
+            check_range(prefix + "threshold", self.threshold, lo=0.0)
+        check_range(prefix + "reduction", self.reduction, lo=1)
+        check_range(prefix + "eps", self.eps, lo=0.0, lo_open=True)
 
 
 @dataclass
@@ -49,12 +76,31 @@ class LossConfig:
     cps_weight: float = 0.05  # cross pseudo supervision; source document eq. 7 writes 1
     area_weight: float = 0.0  # area regulariser (source document eq. 10); 0 = off
 
+    def validate(self, prefix: str = "loss.") -> None:
+        check_range(prefix + "cps_weight", self.cps_weight, lo=0.0)
+        check_range(prefix + "area_weight", self.area_weight, lo=0.0)
+
 
 @dataclass
 class DataConfig:
-    scale_range: list = field(default_factory=lambda: [0.625, 1.25])  # long side / crop: [320, 640] at 512
+    # random rescale: a factor drawn uniformly from scale_range, applied as scale_of says:
+    #   crop:  the long side becomes factor * crop pixels (train-cam, AMR.md section 4: [320, 640] at 512)
+    #   image: the image becomes factor times its own size (train-irn, train-seg: IRN's and DeepLab's 0.5-1.5)
+    scale_range: list = field(default_factory=lambda: [0.625, 1.25])
+    scale_of: str = "crop"
     crop: int = 512
     hflip: bool = True
+    # train-cam: three squares of side up to round(128 * crop / 512) zeroed after normalisation (the
+    # release's cutout, in its `cam` run only)
+    cutout: bool = False
+
+    def validate(self, prefix: str = "data.") -> None:
+        r = self.scale_range
+        if len(r) != 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                                  for x in r) or not 0 < r[0] <= r[1]:
+            raise ConfigError(prefix + "scale_range", r, "expected [lo, hi] with 0 < lo <= hi")
+        check_choice(prefix + "scale_of", self.scale_of, ("crop", "image"))
+        check_range(prefix + "crop", self.crop, lo=1)
 
 
 @dataclass
@@ -73,6 +119,28 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 10  # steps between log.csv rows
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end of every epoch
+    checkpoint_minutes: float = 10.0  # also a checkpoint when this much wall time passed; 0 = off
+    tensorboard: bool = False  # also write the logged scalars to RUN/tb/ (the `tensorboard` extra)
+    val_split: Optional[str] = None  # train-cam: classification mAP on this split after each epoch
+
+    def validate(self, prefix: str = "train.") -> None:
+        check_range(prefix + "epochs", self.epochs, lo=1)
+        check_range(prefix + "batch_size", self.batch_size, lo=1)
+        check_range(prefix + "lr", self.lr, lo=0.0, lo_open=True)
+        check_range(prefix + "new_lr_mult", self.new_lr_mult, lo=0.0, lo_open=True)
+        check_range(prefix + "momentum", self.momentum, lo=0.0, hi=1.0, hi_open=True)
+        check_range(prefix + "weight_decay", self.weight_decay, lo=0.0)
+        check_range(prefix + "poly_power", self.poly_power, lo=0.0)
+        check_choice(prefix + "amp", self.amp, ("auto", "bf16", "fp16", "off"))
+        check_range(prefix + "num_workers", self.num_workers, lo=0)
+        check_range(prefix + "seed", self.seed, lo=0, hi=2**32 - 1)
+        check_choice(prefix + "device", self.device, ("auto", "cpu", "cuda"))
+        check_range(prefix + "log_every", self.log_every, lo=1)
+        check_range(prefix + "checkpoint_every", self.checkpoint_every, lo=0)
+        check_range(prefix + "checkpoint_minutes", self.checkpoint_minutes, lo=0.0)
+        if self.val_split is not None:
+            check_range(prefix + "val_split", self.val_split, nonempty=True)
 
 
 @dataclass
@@ -89,6 +157,12 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def validate(self) -> None:
+        validate_sections(self)
+        if self.preset == "amr-official" and not self.model.init_spotlight:
+            raise AmrsegError("--init-spotlight: preset amr-official needs a trained `cam` run "
+                              "(train one with --preset cam, then pass --init-spotlight RUN)")
+
 
 @dataclass
 class BackboneConfig:
@@ -99,11 +173,21 @@ class BackboneConfig:
     pretrained: str = "imagenet"  # imagenet | PATH | URL | none | a train-cam RUN (its spotlight backbone)
     fixed_bn: bool = True  # only with pretrained weights (from scratch every BN learns)
 
+    def validate(self, prefix: str = "model.") -> None:
+        check_choice(prefix + "backbone", self.backbone, BACKBONES)
+        check_range(prefix + "base_width", self.base_width, lo=1)
+        check_range(prefix + "pretrained", self.pretrained, nonempty=True)
+
 
 @dataclass
 class IRNModelConfig(BackboneConfig):
     strides: list = field(default_factory=lambda: [1, 2, 2, 1])  # IRN: stem /4, layer2, layer3 /2: OS 16
     radius: int = 10  # affinity pairs within this radius at stride 4 (AMR.md section 7)
+
+    def validate(self, prefix: str = "model.") -> None:
+        super().validate(prefix)
+        check_strides(prefix + "strides", self.strides)
+        check_range(prefix + "radius", self.radius, lo=2)
 
 
 @dataclass
@@ -116,15 +200,36 @@ class IRNConfig:
     ir_labels: str = ""  # folder of IR label PNGs (pseudo-labels --method crf)
     cams: str = ""  # the CAM folder the IR labels came from (recorded; training reads the IR labels only)
     model: IRNModelConfig = field(default_factory=IRNModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(scale_range=[0.5, 1.5], scale_of="image"))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, lr=0.1, new_lr_mult=10.0))
+
+    def validate(self) -> None:
+        """Besides each section's ranges: a crop that is a multiple of 4 (the IR labels are read at
+        stride 4 and must land on the model's grid) with room for the radius."""
+        validate_sections(self)
+        check_no_val_split(self)
+        if self.data.crop % 4 or self.data.crop // 4 < 2 * self.model.radius:
+            raise ConfigError("data.crop", self.data.crop, f"must be a multiple of 4 and at least "
+                              f"{8 * self.model.radius} (8 x model.radius {self.model.radius})")
 
 
 @dataclass
 class SegModelConfig(BackboneConfig):
     backbone: str = "resnet101"
     output_stride: int = 8  # 8: layer3, layer4 dilated 2, 4 (DeepLab-v2) | 16: layer4 dilated 2
+    # deeplab: every block of a dilated layer is dilated, the first too (DeepLab-v2's Caffe model, the
+    # kazuto1011 port) | torchvision: the first block keeps the previous layer's dilation (as torchvision's
+    # replace_stride_with_dilation)
+    dilation_style: str = "deeplab"
     aspp_rates: list = field(default_factory=lambda: [6, 12, 18, 24])
+
+    def validate(self, prefix: str = "model.") -> None:
+        super().validate(prefix)
+        check_choice(prefix + "output_stride", self.output_stride, (8, 16))
+        check_choice(prefix + "dilation_style", self.dilation_style, ("deeplab", "torchvision"))
+        if not self.aspp_rates or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1
+                                          for r in self.aspp_rates):
+            raise ConfigError(prefix + "aspp_rates", self.aspp_rates, "expected a list of positive integers")
 
 
 @dataclass
@@ -136,13 +241,61 @@ class SegConfig:
     split: str = "train_aug"
     labels: str = ""  # folder of pseudo-mask PNGs, 255 ignored
     model: SegModelConfig = field(default_factory=SegModelConfig)
-    data: DataConfig = field(default_factory=lambda: DataConfig(scale_range=[0.5, 1.5], crop=321))
+    data: DataConfig = field(default_factory=lambda: DataConfig(scale_range=[0.5, 1.5], scale_of="image", crop=321))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=20, batch_size=10, lr=2.5e-4,
                                                                    weight_decay=5e-4))
+
+    def validate(self) -> None:
+        validate_sections(self)
+        check_no_val_split(self)
 
 
 RUN_KINDS = {"cam": Config, "irn": IRNConfig, "seg": SegConfig}
 _MAKERS = {"cam": "train-cam", "irn": "train-irn", "seg": "train-seg"}
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+
+# --------------------------------------------------------------------------- checking values
+
+
+def check_range(key: str, value: Any, lo: Any = None, hi: Any = None, lo_open: bool = False,
+                hi_open: bool = False, nonempty: bool = False) -> None:
+    """ConfigError unless `value` is finite and within [lo, hi] (open ends as asked); strings non-empty."""
+    if nonempty:
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(key, value, "must not be empty")
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(key, value, "must be a finite number")
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        bound = (f"greater than {lo}" if lo_open else
+                 "positive" if lo == 1 and isinstance(lo, int) else f"at least {lo}")
+        raise ConfigError(key, value, f"must be {bound}")
+    if hi is not None and (value >= hi if hi_open else value > hi):
+        raise ConfigError(key, value, f"must be {'below' if hi_open else 'at most'} {hi}")
+
+
+def check_choice(key: str, value: Any, valid: Any) -> None:
+    if value not in valid:
+        raise ConfigError(key, value, f"not one of {', '.join(map(str, valid))}")
+
+
+def check_strides(key: str, strides: Any) -> None:
+    if len(strides) != 4 or any(s not in (1, 2) or isinstance(s, bool) for s in strides):
+        raise ConfigError(key, strides, "expected 4 strides of 1 or 2")
+
+
+def check_no_val_split(cfg: Any) -> None:
+    if cfg.train.val_split is not None:
+        raise ConfigError("train.val_split", cfg.train.val_split, "only train-cam has a per-epoch validation figure")
+
+
+def validate_sections(cfg: Any) -> None:
+    """Calls validate(prefix) of every section (model, amm, loss, data, train) of a run config."""
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(section) and hasattr(section, "validate"):
+            section.validate(f"{f.name}.")
 
 
 # --------------------------------------------------------------------------- merging
@@ -162,13 +315,15 @@ def _coerce(value: Any, typ: Any, name: str) -> Any:
         (inner,) = [a for a in typing.get_args(typ) if a is not type(None)]
         return _coerce(value, inner, name)
     if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):  # nan, inf: never a usable lr, weight or threshold
+            raise ConfigError(name, value, "must be a finite number")
         return float(value)
     if typ is list and isinstance(value, (list, tuple)):
         return list(value)
     if isinstance(typ, type) and isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
         return value
     tname = getattr(typ, "__name__", str(typ))
-    raise AmrsegError(f"config key '{name}': expected {tname}, got {value!r}")
+    raise ConfigError(name, value, f"expected {tname}")
 
 
 def merge(obj: Any, updates: dict, prefix: str = "") -> Any:
@@ -230,84 +385,69 @@ def load_preset(name: str) -> Config:
     return dataclasses.replace(cfg, preset=name)
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{'train': {'lr': 0.1}} -> {'train.lr': 0.1}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + str(k)] = v
+    return out
+
+
+# Config keys whose command-line flag is not `--` + the last part of the key with '-' for '_'.
+_FLAG_NAMES = {"data_root": "--data"}
+
+
+def blame(e: ConfigError, flags: dict, overrides: list[str]) -> AmrsegError:
+    """The error told as the fault of what the user typed: the `--set` item, else the flag."""
+    for item in reversed(overrides or []):
+        key = item.split("=", 1)[0].strip()
+        if e.key == key or e.key.startswith(key + "."):
+            return e.blamed_on(f"--set {item}")
+    given = flatten(flags or {})
+    if e.key in given:
+        flag = _FLAG_NAMES.get(e.key, "--" + e.key.rsplit(".", 1)[-1].replace("_", "-"))
+        return e.blamed_on(f"{flag} {given[e.key]} ({e.key})")
+    return e
+
+
 def resolve(preset: str, flags: dict, overrides: list[str]) -> Config:
-    """Preset, then flags (a nested dict of the values given on the command line), then --set."""
-    cfg = load_preset(preset)
-    cfg = merge(cfg, flags)
-    cfg = merge(cfg, parse_set(overrides))
-    validate(cfg)
+    """Preset, then flags (a nested dict of the values given on the command line), then --set; validated.
+
+    A value out of range names what the user typed (`--batch-size 0`, `--set train.log_every=0`).
+    """
+    try:
+        cfg = load_preset(preset)
+        cfg = merge(cfg, flags)
+        cfg = merge(cfg, parse_set(overrides))
+        cfg.validate()
+    except ConfigError as e:
+        raise blame(e, flags, overrides) from None
     return cfg
-
-
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 
 
 def resolve_run(kind: str, flags: dict, overrides: list[str]):
     """Config of an irn or seg run: defaults, then flags (nested dict), then --set; validated."""
-    cfg = merge(merge(RUN_KINDS[kind](), flags), parse_set(overrides))
-    if cfg.kind != kind:
-        raise AmrsegError(f"config key 'kind': cannot be changed (this is a {_MAKERS[kind]} run)")
-    check_choices(**{"model.backbone": (cfg.model.backbone, BACKBONES),
-                     "train.amp": (cfg.train.amp, ("auto", "bf16", "fp16", "off")),
-                     "train.device": (cfg.train.device, ("auto", "cpu", "cuda"))})
-    if kind == "seg":
-        check_choices(**{"model.output_stride": (cfg.model.output_stride, (8, 16))})
-    positive = {"train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,
-                "train.lr": cfg.train.lr, "data.crop": cfg.data.crop, "model.base_width": cfg.model.base_width}
-    for name, value in positive.items():
-        if value <= 0:
-            raise AmrsegError(f"config key '{name}': must be positive, got {value}")
+    try:
+        cfg = merge(merge(RUN_KINDS[kind](), flags), parse_set(overrides))
+        if cfg.kind != kind:
+            raise AmrsegError(f"config key 'kind': cannot be changed (this is a {_MAKERS[kind]} run)")
+        cfg.validate()
+    except ConfigError as e:
+        raise blame(e, flags, overrides) from None
     return cfg
 
 
 def resolve_irn(flags: dict, overrides: list[str]) -> IRNConfig:
-    """A train-irn config: defaults, then flags (nested dict), then --set; validated.
-
-    Besides resolve_run's checks: strides, a radius >= 2, and a crop that is a multiple of 4 (the
-    IR labels are read at stride 4 and must land on the model's grid) with room for the radius.
-    """
-    cfg = resolve_run("irn", flags, overrides)
-    if len(cfg.model.strides) != 4 or any(s not in (1, 2) for s in cfg.model.strides):
-        raise AmrsegError(f"config key 'model.strides': expected 4 strides of 1 or 2, got {cfg.model.strides}")
-    if cfg.model.radius < 2:
-        raise AmrsegError(f"config key 'model.radius': must be at least 2, got {cfg.model.radius}")
-    if cfg.data.crop % 4 or cfg.data.crop // 4 < 2 * cfg.model.radius:
-        raise AmrsegError(f"config key 'data.crop': {cfg.data.crop} must be a multiple of 4 and at least "
-                          f"{8 * cfg.model.radius} (8 x model.radius {cfg.model.radius})")
-    if len(cfg.data.scale_range) != 2 or not 0 < cfg.data.scale_range[0] <= cfg.data.scale_range[1]:
-        raise AmrsegError("config key 'data.scale_range': expected [lo, hi] with 0 < lo <= hi")
-    return cfg
+    """A train-irn config: defaults, then flags (nested dict), then --set; validated (IRNConfig.validate)."""
+    return resolve_run("irn", flags, overrides)
 
 
-def validate(cfg: Config) -> None:
-    choices = {
-        "model.backbone": (cfg.model.backbone, ("resnet18", "resnet34", "resnet50", "resnet101")),
-        "amm.placement": (cfg.amm.placement, ("stage", "block")),
-        "amm.gaussian": (cfg.amm.gaussian, ("unit", "pdf")),
-        "amm.stats": (cfg.amm.stats, ("sample", "batch")),
-        "train.amp": (cfg.train.amp, ("auto", "bf16", "fp16", "off")),
-        "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
-    }
-    for name, (value, valid) in choices.items():
-        if value not in valid:
-            raise AmrsegError(f"config key '{name}': {value!r} is not one of {', '.join(valid)}")
-    if len(cfg.model.strides) != 4 or any(s not in (1, 2) for s in cfg.model.strides):
-        raise AmrsegError(f"config key 'model.strides': expected 4 strides of 1 or 2, got {cfg.model.strides}")
-    if not cfg.amm.stages or any(s not in (1, 2, 3, 4) for s in cfg.amm.stages) \
-            or len(set(cfg.amm.stages)) != len(cfg.amm.stages):
-        raise AmrsegError(f"config key 'amm.stages': expected distinct stage numbers from 1..4, got {cfg.amm.stages}")
-    if len(cfg.data.scale_range) != 2 or not 0 < cfg.data.scale_range[0] <= cfg.data.scale_range[1]:
-        raise AmrsegError("config key 'data.scale_range': expected [lo, hi] with 0 < lo <= hi")
-    positive = {
-        "train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,
-        "train.lr": cfg.train.lr, "data.crop": cfg.data.crop, "model.base_width": cfg.model.base_width,
-    }
-    for name, value in positive.items():
-        if value <= 0:
-            raise AmrsegError(f"config key '{name}': must be positive, got {value}")
-    if cfg.preset == "amr-official" and not cfg.model.init_spotlight:
-        raise AmrsegError("--init-spotlight: preset amr-official needs a trained `cam` run "
-                          "(train one with --preset cam, then pass --init-spotlight RUN)")
+def validate(cfg: Any) -> None:
+    """Checks every value of a run config (each section's ranges, then the cross-section rules)."""
+    cfg.validate()
 
 
 def to_dict(cfg: Config) -> dict:
@@ -334,5 +474,4 @@ def load_run_config(run_dir: Path, kind: str = "cam"):
 def check_choices(**values) -> None:
     """check_choices(**{"model.backbone": (value, valid)}): one-line error for a value not in valid."""
     for name, (value, valid) in values.items():
-        if value not in valid:
-            raise AmrsegError(f"config key '{name}': {value!r} is not one of {', '.join(map(str, valid))}")
+        check_choice(name, value, valid)

@@ -1,35 +1,146 @@
-"""Atomic file writes: a file is either absent or complete, never half-written.
+"""Atomic file writes, output checks and the clean-up of temporary files left by a killed run.
 
-Every artefact between stages (CAMs, masks, checkpoints, JSON) goes through `atomic_write`.
+Every artefact between stages (CAMs, masks, checkpoints, JSON) goes through `atomic_write`: a file
+is either absent or complete, never half-written. Its temporary file is hidden in the destination
+folder, named `.<name>.<pid>-<host>-<random>.tmp`; a process killed with SIGKILL leaves it behind,
+and the next process that writes into that folder removes it (`clean_stale_temps`).
+
+Commands check their outputs before the work starts (`check_writable_dir`, `check_writable_file`),
+and a write that fails (full disk, read-only folder) is one `AmrsegError` naming the file.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import socket
 import tempfile
+import time
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 from PIL import Image
 
+from .errors import AmrsegError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+# When this process began (as far as files are concerned): temporary files older than this
+# cannot be ours.
+PROCESS_START = time.time()
+_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:32]
+# mkstemp's random part: 8 characters of [a-z0-9_].
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?:(?P<pid>\d+)-(?P<host>[A-Za-z0-9_]*)-)?[a-z0-9_]{8}\.tmp$")
+# A temporary file of another host cannot be checked for a live writer: it is stale once it is
+# this much older than this process.
+_OTHER_HOST_AGE_S = 3600.0
+_cleaned: set[str] = set()
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return lines[0][:200] if lines else type(e).__name__
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists, owned by someone else
+    return True
+
+
+def is_stale_temp(path: Path, now_start: Optional[float] = None) -> bool:
+    """True for a temporary file of `atomic_write` whose writer is gone.
+
+    Stale: it matches the temporary-name pattern, was last modified before this process started,
+    and its writer (pid in the name) is no longer running on this host; a file of another host
+    must also be an hour older than this process; a file without pid (older amrseg) only needs
+    the age.
+    """
+    m = _TEMP_NAME.match(path.name)
+    if not m:
+        return False
+    start = PROCESS_START if now_start is None else now_start
+    try:
+        mtime = path.stat().st_mtime
+    except OSError:
+        return False
+    if mtime >= start:
+        return False
+    if m.group("pid") is None:
+        return True
+    if m.group("host") != _HOST:
+        return mtime < start - _OTHER_HOST_AGE_S
+    pid = int(m.group("pid"))
+    return pid == os.getpid() or not _pid_alive(pid)
+
+
+def clean_stale_temps(folder: Union[str, Path]) -> list[Path]:
+    """Removes the stale temporary files of `atomic_write` in `folder` (see `is_stale_temp`).
+
+    Returns the files removed. A folder that cannot be listed is left alone.
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+            continue
+        path = Path(entry.path)
+        if entry.is_file(follow_symlinks=False) and is_stale_temp(path):
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
+def _clean_once(folder: Path) -> None:
+    key = os.path.abspath(folder)
+    if key not in _cleaned:
+        _cleaned.add(key)
+        clean_stale_temps(folder)
+
+
+def _make_temp(folder: Path, name: str) -> str:
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.{os.getpid()}-{_HOST}-", suffix=".tmp")
+    os.close(fd)
+    return tmp
 
 
 def atomic_write(path: Union[str, Path], write: Callable[[str], object]) -> None:
     """Calls write(tmp_path) and renames the result onto `path`.
 
     The temporary file lives in the destination folder (so the rename is atomic) and gets the
-    permissions a plain open() would give, not mkstemp's 0600.
+    permissions a plain open() would give, not mkstemp's 0600. The first write into a folder
+    removes the stale temporary files of killed runs there.
+
+    Raises:
+        AmrsegError: the folder cannot be created or written, or the write failed with an OSError
+            (disk full, ...): one line naming `path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _clean_once(path.parent)
+        tmp = _make_temp(path.parent, path.name)
+    except OSError as e:
+        raise AmrsegError(f"{path}: cannot write ({_reason(e)})") from None
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise AmrsegError(f"{path}: cannot write ({_reason(e)})") from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -45,3 +156,73 @@ def save_image(image: Image.Image, path: Union[str, Path], **save_kwargs) -> Non
     path = Path(path)
     fmt = save_kwargs.pop("format", None) or Image.registered_extensions().get(path.suffix.lower())
     atomic_write(path, lambda tmp: image.save(tmp, format=fmt, **save_kwargs))
+
+
+# --------------------------------------------------------------------------- output checks
+
+
+def _dir_problem(path: Path, create: bool) -> Optional[str]:
+    """Why `path` cannot serve as an output folder (None: it can).
+
+    Folders it has to create for the probe are removed again unless `create`.
+    """
+    if path.exists() and not path.is_dir():
+        return "exists and is not a folder"
+    missing = []
+    for parent in [path, *path.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{parent} is a file, not a folder"
+            break
+        missing.append(parent)
+    try:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            return f"cannot create the folder ({_reason(e)})"
+        try:
+            os.unlink(_make_temp(path, "write-check"))
+        except OSError as e:
+            return f"cannot write into the folder ({_reason(e)})"
+    finally:
+        if not create:
+            for folder in missing:  # deepest first
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+    if path.is_dir():
+        _clean_once(path)
+    return None
+
+
+def check_writable_dir(path: Union[str, Path], flag: str, create: bool = False) -> Path:
+    """Makes sure `path` is (or can become) a folder this process can write.
+
+    Checked by writing and removing a temporary file, so a read-only file system, a folder
+    without write permission and a path through a file all show here, before the work starts.
+    A folder that did not exist is left absent unless `create` (a command refused later for
+    another reason leaves nothing behind). Stale temporary files of killed runs in the folder are
+    removed.
+
+    Raises:
+        AmrsegError: one line naming `flag` and the path.
+    """
+    path = Path(path)
+    problem = _dir_problem(path, create)
+    if problem:
+        raise AmrsegError(f"{flag} {path}: {problem}")
+    return path
+
+
+def check_writable_file(path: Union[str, Path], flag: str) -> Path:
+    """Makes sure the file `path` can be written atomically: not a folder, its folder writable.
+
+    Raises:
+        AmrsegError: one line naming `flag` and the path.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise AmrsegError(f"{flag} {path}: is a folder, expected a file name")
+    problem = _dir_problem(path.parent, create=False)
+    if problem:
+        raise AmrsegError(f"{flag} {path}: its folder {path.parent}: {problem}")
+    return path

@@ -22,6 +22,7 @@ from .data.transforms import normalize
 from .data.voc import IMAGE_SUFFIXES, SegData, list_images, read_mask, write_palette_png
 from .engine.common import load_torch, pick_device, progress
 from .errors import AmrsegError
+from .outputs import claim_folder, file_identity
 from .eval.eval_cam import nan_to_none
 from .eval.metrics import confusion_matrix, iou_from_confusion
 from .fileio import atomic_write, save_image
@@ -159,12 +160,15 @@ def _inputs(path: Path, class_names: list[str]) -> SegData:
 
 
 def predict(run: Path, inputs: Path, out: Path, fmt: str = "png", scales: Sequence[float] = (1.0,),
-            crf: bool = False, device: str = "auto", show_progress: Optional[bool] = None) -> dict:
+            crf: bool = False, device: str = "auto", show_progress: Optional[bool] = None,
+            overwrite: bool = False) -> dict:
     """Masks for any JPEG/PNG images.
 
     fmt "png": OUT/<stem>.png palette masks and OUT/overlay/<stem>.jpg overlays. fmt "voc-test": the
     official evaluation server's layout, OUT/results/VOC2012/Segmentation/comp6_test_cls/<id>.png, and
-    OUT/results.tar.gz holding it. Images whose mask exists are skipped (a re-run finishes the job).
+    OUT/results.tar.gz holding it. Images whose mask exists are skipped (a re-run finishes the job);
+    OUT/config.yaml records what made the masks, and masks of other settings there are refused
+    (`overwrite` removes them first).
     """
     if fmt not in ("png", "voc-test"):
         raise AmrsegError(f"--format {fmt!r}: not one of png, voc-test")
@@ -174,6 +178,9 @@ def predict(run: Path, inputs: Path, out: Path, fmt: str = "png", scales: Sequen
     data = _inputs(inputs, class_names)
     out = Path(out)
     mask_dir = out / VOC_TEST_DIR if fmt == "voc-test" else out
+    claim_folder(out, {"run": str(Path(run).resolve()), "model": file_identity(Path(run) / "model.pt"),
+                       "format": fmt, "scales": list(scales), "crf": crf},
+                 "--out", str(mask_dir.relative_to(out) / "*.png"), overwrite=overwrite)
     mask_dir.mkdir(parents=True, exist_ok=True)
     if fmt == "png":
         (out / "overlay").mkdir(exist_ok=True)

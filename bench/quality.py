@@ -1,10 +1,18 @@
-"""Quality benchmark: cam vs the AMR presets on the Fashion-MNIST scenes, one fixed CPU recipe.
+"""Quality benchmark: cam vs the AMR presets on the scenes (emoji-VOC or Fashion-MNIST), one fixed CPU recipe.
 
-Builds the scenes and a pretrained backbone (both reused when present), trains each preset with the
-same recipe, makes the val CAMs (with the branch maps, for the xi sweep), scores them with a
-threshold sweep, and writes a markdown table. Everything goes through the `amrseg` CLI, as a user
-would run it; every step resumes or skips what is done, so an interrupted benchmark picks up where
-it stopped.
+Builds the scenes and a pretrained backbone (both reused when present, or given with --scenes and
+--backbone), trains each preset with the same recipe, makes the val CAMs (with the branch maps, for
+the xi sweep), scores them with a threshold sweep, and writes a markdown table. Everything goes
+through the `amrseg` CLI, as a user would run it; every step resumes or skips what is done, so an
+interrupted benchmark picks up where it stopped.
+
+Besides the mIoU, each row has what says whether a CAM has VOC's problems:
+- the classifier's multi-label mAP and exact-set accuracy on val (sigmoid of the branches' mean
+  logit over the image and its flip; the set = classes above 0.5, the top class when none is);
+- class-agnostic foreground precision and recall at the row's best threshold (a part-focused CAM
+  has precision clearly above recall);
+- emoji-VOC only: the share of the context pixels (SegmentationContext == 1: rails under a train,
+  water under a boat) that the CAMs mark as foreground at that threshold.
 
 amr-official is initialised from this benchmark's cam run (--init-spotlight), so list cam first.
 
@@ -12,8 +20,8 @@ With --train-seeds 0,1,2 every preset is trained once per seed (same scenes, sam
 second table gives the mean and spread of each preset's mIoU: the run-to-run noise that a gap
 between two presets has to beat.
 
-Usage: python bench/quality.py [--out bench/out] [--train 3000] [--val 500] [--epochs 4] [--lr 0.05]
-                               [--presets cam,amr-block] [--train-seeds 0,1,2]
+Usage: python bench/quality.py [--source emoji|fashion] [--out bench/out] [--train N] [--val N] [--epochs 4]
+                               [--presets cam,amr-block] [--train-seeds 0,1,2] [--scenes DIR] [--backbone W.pt]
 """
 from __future__ import annotations
 
@@ -24,8 +32,25 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+from PIL import Image
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from amrseg.cam.infer import load_run  # noqa: E402
+from amrseg.cam.io import load_cam  # noqa: E402
 from amrseg.cli import main as amrseg  # noqa: E402
+from amrseg.data.emoji_scenes import PART_CONTEXT  # noqa: E402
+from amrseg.data.transforms import normalize  # noqa: E402
+from amrseg.data.voc import IGNORE, open_dataset  # noqa: E402
+from amrseg.eval.classification import mean_average_precision  # noqa: E402
+
+# The fixed recipe of each source (the emoji one is issue 11's: crop 160, train-cam's default lr).
+RECIPES = {
+    "emoji": {"crop": 160, "lr": None, "train": 10000, "val": 1000, "pretrain": []},
+    "fashion": {"crop": 128, "lr": 0.05, "train": 3000, "val": 500,
+                "pretrain": ["--epochs", "2", "--items", "16000", "--size", "96"]},
+}
 
 
 def run(*args: str) -> None:
@@ -34,30 +59,81 @@ def run(*args: str) -> None:
         raise SystemExit(f"amrseg {' '.join(map(str, args))} failed with exit {code}")
 
 
+def classifier_metrics(run_dir: Path, data) -> dict:
+    """Multi-label mAP and exact-set accuracy of a train-cam run on the split (image + flip, full size)."""
+    model, _, _ = load_run(run_dir, torch.device("cpu"))
+    scores = []
+    with torch.no_grad():
+        for i in range(len(data)):
+            x = normalize(data.load_image(i))[None]
+            out = model(torch.cat([x, x.flip(-1)]))
+            logits = torch.stack([v for k, v in out.items() if k.startswith("logits_")]).mean(0)
+            scores.append(torch.sigmoid(logits.mean(0)))
+    scores = torch.stack(scores)
+    labels = torch.from_numpy(data.labels.astype(np.float32))
+    picked = scores > 0.5
+    none = ~picked.any(1)
+    picked[none, scores[none].argmax(1)] = True
+    exact = (picked == (labels > 0)).all(1).float().mean().item()
+    return {"map": mean_average_precision(scores, labels), "exact": exact}
+
+
+def map_metrics(cams: Path, data, threshold: float) -> dict:
+    """Foreground precision/recall and the context share marked foreground, at `threshold`."""
+    tp = fp = fn = ctx = ctx_fg = 0
+    for i in range(len(data)):
+        arrays = load_cam(cams / f"{data.ids[i]}.npz")
+        gt = data.load_mask(i)
+        maps = arrays["high_res"].astype(np.float32)
+        pred = (maps.max(0) > threshold) if len(maps) else np.zeros(gt.shape, bool)
+        valid = gt != IGNORE
+        fg = gt > 0
+        tp += int((pred & fg & valid).sum())
+        fp += int((pred & ~fg & valid).sum())
+        fn += int((~pred & fg & valid).sum())
+        parts = Path(data.root) / "SegmentationContext" / f"{data.ids[i]}.png"
+        if parts.exists():
+            context = np.array(Image.open(parts)) == PART_CONTEXT
+            ctx += int(context.sum())
+            ctx_fg += int((context & pred).sum())
+    return {"precision": tp / max(tp + fp, 1), "recall": tp / max(tp + fn, 1),
+            "context_fg": ctx_fg / ctx if ctx else None}
+
+
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--out", default="bench/out")
-    p.add_argument("--train", type=int, default=3000)
-    p.add_argument("--val", type=int, default=500)
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--presets", default="cam,amr,amr-block,amr-gtm,amr-official")
-    p.add_argument("--seed", type=int, default=1, help="seed of the scenes")
-    p.add_argument("--train-seeds", default="0", help="train-cam --seed of each run, comma-separated")
-    p.add_argument("--scales", default="1.0,0.5,1.5")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--source", default="emoji", choices=sorted(RECIPES), help="the scenes (default emoji)")
+    p.add_argument("--out", default="bench/out", help="working folder (default bench/out)")
+    p.add_argument("--scenes", help="reuse these scenes (default: OUT/scenes-<source>-s<seed>, built if absent)")
+    p.add_argument("--backbone", help="reuse these pretrained weights (default: OUT/backbone-<source>.pt)")
+    p.add_argument("--train", type=int, help="train scenes to build (default 10000 emoji, 3000 fashion)")
+    p.add_argument("--val", type=int, help="val scenes to build (default 1000 emoji, 500 fashion)")
+    p.add_argument("--epochs", type=int, default=4, help="train-cam epochs (default 4)")
+    p.add_argument("--lr", type=float, help="train-cam lr (default: 0.05 fashion, train-cam's own for emoji)")
+    p.add_argument("--presets", default="cam,amr,amr-block,amr-gtm,amr-official",
+                   help="comma-separated presets, cam first (default all five)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the scenes (default 1)")
+    p.add_argument("--train-seeds", default="0", help="train-cam --seed of each run, comma-separated (default 0)")
+    p.add_argument("--scales", default="1.0,0.5,1.5", help="make-cam scales (default 1.0,0.5,1.5)")
     p.add_argument("--set", action="append", default=[], help="extra train-cam --set for every preset")
     a = p.parse_args()
+    recipe_of = RECIPES[a.source]
     out = Path(a.out)
-    scenes, backbone = out / f"scenes-s{a.seed}", out / "backbone.pt"
+    scenes = Path(a.scenes) if a.scenes else out / f"scenes-{a.source}-s{a.seed}"
+    backbone = Path(a.backbone) if a.backbone else out / f"backbone-{a.source}.pt"
     if not (scenes / "ImageSets/Segmentation/val.txt").exists():
-        run("build-fashion-scenes", scenes, "--train", a.train, "--val", a.val, "--seed", a.seed)
+        run("build-scenes", scenes, "--source", a.source, "--train", a.train or recipe_of["train"],
+            "--val", a.val or recipe_of["val"], "--seed", a.seed)
     if not backbone.exists():
-        run("pretrain-backbone", "--out", backbone, "--backbone", "resnet18", "--base-width", 32, "--epochs", 2,
-            "--items", 16000, "--size", 96)
-    recipe = ["--backbone", "resnet18", "--base-width", "32", "--pretrained", str(backbone), "--crop", "128",
-              "--batch-size", "16", "--epochs", str(a.epochs), "--lr", str(a.lr)]
+        run("pretrain-backbone", "--source", a.source, "--out", backbone, "--backbone", "resnet18",
+            "--base-width", 32, *recipe_of["pretrain"])
+    lr = a.lr if a.lr is not None else recipe_of["lr"]
+    recipe = ["--backbone", "resnet18", "--base-width", "32", "--pretrained", str(backbone), "--crop",
+              str(recipe_of["crop"]), "--batch-size", "16", "--epochs", str(a.epochs)]
+    recipe += ["--lr", str(lr)] if lr is not None else []
     for s in a.set:
         recipe += ["--set", s]
+    val = open_dataset(scenes, "val")
     rows, xi_rows = [], []
     names = None
     by_preset: dict[str, list[float]] = {}
@@ -65,39 +141,46 @@ def main() -> None:
     for preset, seed in runs:
         seed_tag = "" if seed == 0 else f"-seed{seed}"  # seed 0 keeps the single-run names
         tag = preset + seed_tag + ("" if not a.set else "+" + "+".join(a.set))
-        run_dir, cams = out / f"run-{tag}", out / f"cams-{tag}"
+        run_dir, cams = out / f"run-{a.source}-{tag}", out / f"cams-{a.source}-{tag}"
         t0, train_s = time.perf_counter(), None  # None: a finished run was reused
         if not (run_dir / "model.pt").exists():
             resume = ["--resume"] if (run_dir / "checkpoint.pt").exists() else []
-            init = ["--init-spotlight", out / f"run-cam{seed_tag}"] if preset == "amr-official" else []
+            init = ["--init-spotlight", out / f"run-{a.source}-cam{seed_tag}"] if preset == "amr-official" else []
             run("train-cam", "--data", scenes, "--split", "train", "--preset", preset, "--out", run_dir, *recipe,
                 "--seed", seed, *init, *resume)
             train_s = time.perf_counter() - t0
         run("make-cam", "--run", run_dir, "--data", scenes, "--split", "val", "--out", cams, "--scales", a.scales,
             "--save-branches")
-        metrics = out / f"metrics-{tag}.json"
+        metrics = out / f"metrics-{a.source}-{tag}.json"
         run("eval-cam", "--cams", cams, "--data", scenes, "--split", "val", "--sweep", "0.05:0.70:0.05",
             "--out", metrics)
         m = json.loads(metrics.read_text())
         names = [n for n in m["iou"] if n != "background"]
-        rows.append((tag, m["threshold"], m["miou"], [m["iou"][n] for n in ["background", *names]], train_s))
+        extra = {**classifier_metrics(run_dir, val), **map_metrics(cams, val, m["threshold"])}
+        rows.append((tag, m["threshold"], m["miou"], [m["iou"][n] for n in ["background", *names]], train_s, extra))
         by_preset.setdefault(preset, []).append(m["miou"])
         if preset != "cam":
-            xi_json = out / f"xi-{tag}.json"
+            xi_json = out / f"xi-{a.source}-{tag}.json"
             run("eval-cam", "--cams", cams, "--data", scenes, "--split", "val", "--sweep", "0.05:0.70:0.05",
                 "--xi-sweep", "0:1:0.1", "--out", xi_json)
             xi_rows.append((tag, json.loads(xi_json.read_text())["xi_sweep"]))
 
     def pct(v):
-        return "-" if v is None else f"{100 * v:.1f}"
+        return "-" if v is None or v != v else f"{100 * v:.1f}"
 
-    lines = [f"CAM quality on {a.val} val scenes (Fashion-MNIST t10k items), resnet18 width 32, 128 px, "
-             f"{a.train} train scenes x {a.epochs} epochs, lr {a.lr}, scales {a.scales} + flip.", "",
-             "| preset | best threshold | mIoU | " + " | ".join(["bg", *names]) + " | train s |",
-             "|---" * (len(names) + 5) + "|"]
-    for tag, t, miou, ious, secs in rows:
+    lines = [f"CAM quality on {len(val)} val scenes ({a.source}, seed {a.seed}), resnet18 width 32, crop "
+             f"{recipe_of['crop']}, train scenes x {a.epochs} epochs, lr {lr if lr is not None else 'default'}, "
+             f"scales {a.scales} + flip.", "",
+             "| preset | best threshold | mIoU | cls mAP | exact set | fg precision | fg recall | context as fg "
+             "| train s |", "|---" * 9 + "|"]
+    for tag, t, miou, _, secs, x in rows:
         secs = "-" if secs is None else f"{secs:.0f}"
-        lines.append(f"| {tag} | {t:.2f} | **{pct(miou)}** | " + " | ".join(pct(v) for v in ious) + f" | {secs} |")
+        lines.append(f"| {tag} | {t:.2f} | **{pct(miou)}** | {pct(x['map'])} | {pct(x['exact'])} | "
+                     f"{pct(x['precision'])} | {pct(x['recall'])} | {pct(x['context_fg'])} | {secs} |")
+    lines += ["", "Per-class IoU:", "", "| preset | " + " | ".join(["bg", *names]) + " |",
+              "|---" * (len(names) + 2) + "|"]
+    for tag, _, _, ious, _, _ in rows:
+        lines.append(f"| {tag} | " + " | ".join(pct(v) for v in ious) + " |")
     for tag, sweep in xi_rows:
         lines += ["", f"xi sweep for {tag} (xi = weight of the spotlight CAM; best threshold per xi):", "",
                   "| xi | " + " | ".join(f"{x:.1f}" for x, _, _ in sweep) + " |",
@@ -112,7 +195,7 @@ def main() -> None:
                          f"{pct(max(v))} |")
     text = "\n".join(lines)
     print(text)
-    (out / "quality.md").write_text(text + "\n")
+    (out / f"quality-{a.source}.md").write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ from amrseg.refine.affinity import (
     affinity_loss,
     boundary_to_affinity,
     extract_pairs,
-    line_points,
+    path_points,
+    path_runs,
     search_offsets,
 )
 
@@ -98,39 +99,91 @@ def test_affinity_loss_empty_pairs_are_zero_not_nan():
     assert out["total"].item() == pytest.approx(-math.log(1 + 1e-5 - 0.4) / 2, rel=1e-5)
 
 
-def test_line_points_by_hand():
-    assert line_points(0, 3) == [(0, 0), (0, 1), (0, 2), (0, 3)]
-    # k * (2, 4) / 4 = (0,0) (.5,1) (1,2) (1.5,3) (2,4): halves round away from zero
-    assert line_points(2, 4) == [(0, 0), (1, 1), (1, 2), (2, 3), (2, 4)]
-    assert line_points(1, -3) == [(0, 0), (0, -1), (1, -2), (1, -3)]
-    assert line_points(3, 3) == [(0, 0), (1, 1), (2, 2), (3, 3)]
+def test_path_points_by_hand():
+    # Points c of the box with distance to the line through 0 and d below 1: |dy cx - dx cy| < |d|.
+    assert path_points(0, 3) == [(0, 0), (0, 1), (0, 2), (0, 3)]  # distance 0 only; row 1 is outside the box
+    assert path_points(1, 1) == [(0, 0), (0, 1), (1, 0), (1, 1)]  # (0,1), (1,0) at 0.707
+    # d = (2, 4), |d| = 4.47: |2 cx - 4 cy| < 4.47 keeps |cx - 2 cy| <= 2 in the 3 x 5 box.
+    assert path_points(2, 4) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (1, 3), (1, 4),
+                                 (2, 2), (2, 3), (2, 4)]
+    # d = (1, -3), |d| = 3.16: |cx + 3 cy| < 3.16 in the box y 0..1, x -3..0: every point but none.
+    assert path_points(1, -3) == [(0, -3), (0, -2), (0, -1), (0, 0), (1, -3), (1, -2), (1, -1), (1, 0)]
+    # The path of -d mirrors that of d.
+    for dy, dx in search_offsets(6):
+        assert sorted(path_points(-dy, -dx)) == sorted((-y, -x) for y, x in path_points(dy, dx))
 
 
-def _round_half_away(v):
-    return int(math.copysign(math.floor(abs(v) + 0.5), v))
+def _irn_path(dy, dx):
+    """A slow reading of IRN's path definition: every lattice point of the bounding box of the
+    segment [0, d] whose Euclidean distance to the line through 0 and d is below 1 (float maths)."""
+    length = math.hypot(dy, dx)
+    points = set()
+    for y in range(min(0, dy), max(0, dy) + 1):
+        for x in range(min(0, dx), max(0, dx) + 1):
+            # distance from (y, x) to the line: |cross(d, c)| / |d|
+            if abs(dy * x - dx * y) / length < 1 - 1e-12:
+                points.add((y, x))
+    return points
 
 
-def test_boundary_to_affinity_against_brute_force():
+def test_path_points_against_the_definition_and_irn_count():
+    offsets = search_offsets(10)
+    for dy, dx in offsets:
+        assert set(path_points(dy, dx)) == _irn_path(dy, dx), (dy, dx)
+    # IRN's figure: 14.0 points per offset at radius 10 (the thin line amrseg drew before: 6.9).
+    mean = sum(len(path_points(dy, dx)) for dy, dx in offsets) / len(offsets)
+    assert mean == pytest.approx(14.04, abs=0.01)
+
+
+def test_path_runs_cover_the_path_once():
+    for dy, dx in search_offsets(10):
+        covered = []
+        for y, x, k, horizontal in path_runs(dy, dx):
+            covered += [(y, x + i) if horizontal else (y + i, x) for i in range(k)]
+        assert sorted(covered) == sorted(path_points(dy, dx)), (dy, dx)
+    assert path_runs(0, 4) == [(0, 0, 5, True)]
+    assert path_runs(3, 0) == [(0, 0, 4, False)]
+    assert path_runs(2, 4) == [(0, 0, 3, True), (1, 0, 5, True), (2, 2, 3, True)]
+
+
+@pytest.mark.parametrize("radius, size", [(4, (8, 9)), (10, (12, 22))])
+def test_boundary_to_affinity_against_brute_force(radius, size):
     gen = torch.Generator().manual_seed(2)
-    radius = 4
-    boundary = torch.rand(2, 8, 9, generator=gen)
+    boundary = torch.rand(2, *size, generator=gen)
     aff = boundary_to_affinity(boundary, radius)
     offsets = search_offsets(radius)
     max_dy, neg, pos = _crop(radius)
-    h, w = 8 - max_dy, 9 - neg - pos
+    h, w = size[0] - max_dy, size[1] - neg - pos
     assert aff.shape == (2, len(offsets), h, w)
     for b in range(2):
         for k, (dy, dx) in enumerate(offsets):
-            n = max(abs(dy), abs(dx))
             for y in range(h):
                 for x in range(w):
                     y0, x0 = y, x + neg
-                    path = [
-                        (y0 + _round_half_away(i * dy / n), x0 + _round_half_away(i * dx / n))
-                        for i in range(n + 1)
-                    ]
-                    peak = max(float(boundary[b, py, px]) for py, px in path)
+                    peak = max(float(boundary[b, y0 + py, x0 + px]) for py, px in _irn_path(dy, dx))
                     assert aff[b, k, y, x].item() == pytest.approx(1 - peak, abs=1e-6)
+
+
+def test_a_one_pixel_diagonal_boundary_cuts_every_crossing_pair():
+    # A boundary one pixel wide along the anti-diagonal y + x = 11 of a 12 x 12 map: pixels on
+    # either side touch it only at corners. IRN's path is two pixels wide, so every pair with one
+    # end on each side reads the boundary; a thin line slips between its diagonal steps.
+    n, radius = 12, 5
+    boundary = torch.zeros(1, n, n)
+    for i in range(n):
+        boundary[0, i, n - 1 - i] = 1.0
+    aff = boundary_to_affinity(boundary, radius)
+    offsets = search_offsets(radius)
+    max_dy, neg, _ = _crop(radius)
+    crossing = 0
+    for k, (dy, dx) in enumerate(offsets):
+        for y in range(aff.shape[2]):
+            for x in range(aff.shape[3]):
+                a, b = y + x + neg, (y + dy) + (x + neg + dx)
+                if (a - (n - 1)) * (b - (n - 1)) < 0:  # strictly on opposite sides
+                    crossing += 1
+                    assert aff[0, k, y, x].item() == 0.0, (dy, dx, y, x)
+    assert crossing > 100
 
 
 def test_boundary_to_affinity_wall_and_gradient():

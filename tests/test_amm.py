@@ -78,6 +78,10 @@ def test_bad_mode_or_stats():
         gaussian_modulation(Z, dims=(1,), mode="gauss")
     with pytest.raises(ValueError):
         gaussian_modulation(Z, dims=(1,), stats="group")
+    with pytest.raises(ValueError, match="even batch"):
+        gaussian_modulation(Z[:1], dims=(1,), stats="pair")
+    with pytest.raises(ValueError):
+        ChannelGate(8, eval_stats="batch")
 
 
 def test_channel_gate_against_reference():
@@ -122,8 +126,8 @@ def test_amm_shape_and_per_sample_independence():
         assert batch.shape == x.shape
         for i in range(3):
             torch.testing.assert_close(amm(x[i:i + 1]), batch[i:i + 1], atol=1e-6, rtol=1e-5)
-        # The release's batch statistics couple the images in training only: in eval mode every
-        # image uses its own statistics, so inference never depends on the batch.
+        # With eval_stats 'sample' (the default), batch statistics couple the images in training
+        # only: in eval mode every image uses its own statistics, so inference never depends on the batch.
         release = AMM(16, AMMConfig(reduction=4, stats="batch", gaussian="pdf"))
         release.load_state_dict(amm.state_dict())
         release.eval()
@@ -154,3 +158,61 @@ def test_low_precision_input_is_computed_in_float32():
     torch.testing.assert_close(g.float(), gaussian_modulation(z.float(), dims=(1,)), atol=1e-3, rtol=1e-3)
     bf = gaussian_modulation(torch.full((1, 3, 4, 4), 0.3, dtype=torch.bfloat16), dims=(1, 2, 3), mode="pdf")
     assert bf.dtype == torch.bfloat16 and torch.isfinite(bf).all()
+
+
+def test_pair_statistics_by_hand():
+    # rows 0, 1 form a pair and rows 2, 3 another: each pair's 8 values give mu and the unbiased sigma
+    z = torch.cat([Z, Z * 3 - 1])
+    g = gaussian_modulation(z, dims=(1,), stats="pair", eps=0.0)
+    for rows in ([0, 1], [2, 3]):
+        values = z[rows].flatten().tolist()
+        mu = sum(values) / 8
+        var = sum((v - mu) ** 2 for v in values) / 7
+        expected = torch.tensor([[math.exp(-((v - mu) ** 2) / (2 * var)) for v in row] for row in z[rows].tolist()])
+        torch.testing.assert_close(g[rows], expected)
+    # a pair is the batch of two: equal to batch statistics on it alone
+    torch.testing.assert_close(g[2:], gaussian_modulation(z[2:], dims=(1,), stats="batch", eps=0.0))
+
+
+def test_amm_pair_mode_is_the_release_batch_of_two():
+    """eval_stats 'pair': at inference each (image, flip) pair is normalised as the release's training-mode AMM
+    normalises a batch of two, whatever else shares the forward pass; running statistics stay put."""
+    cfg = AMMConfig(reduction=4, gaussian="pdf", stats="batch", eval_stats="pair")
+    amm = AMM(16, cfg)
+    with torch.no_grad():
+        amm.train()(torch.randn(6, 16, 7, 9) * 2 + 1)  # running statistics off their defaults
+    amm.eval()
+    x = torch.randn(3, 16, 7, 9)
+    pairs = torch.stack([x, x.flip(-1)], 1).flatten(0, 1)  # image, flip, image, flip, ...
+    running = amm.spatial.bn.running_mean.clone(), amm.spatial.bn.running_var.clone()
+    with torch.no_grad():
+        batched = amm(pairs)
+        release = AMM(16, cfg)
+        release.load_state_dict(amm.state_dict())
+        release.train()  # the release never leaves training mode: BN and Gaussian over the batch of two
+        for i in range(3):
+            torch.testing.assert_close(batched[2 * i:2 * i + 2], amm(pairs[2 * i:2 * i + 2]), atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(batched[2 * i:2 * i + 2], release(pairs[2 * i:2 * i + 2]), atol=1e-6, rtol=1e-5)
+        assert torch.equal(amm.spatial.bn.running_mean, running[0]) and torch.equal(amm.spatial.bn.running_var, running[1])
+        # a ResNet feature map is not flip-symmetric: per-image statistics give other values
+        own = AMM(16, AMMConfig(reduction=4, gaussian="pdf", stats="batch"))
+        own.load_state_dict(amm.state_dict())
+        assert (own.eval()(pairs) - batched).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="even batch"):
+        amm(x)
+
+
+def test_pair_mode_gradients_flow_through_the_pair_statistics_of_bn():
+    """In the climb of advcam the release's BN is in training mode: the input gradient runs through its batch
+    statistics (the Gaussian's mu, sigma are detached in both)."""
+    torch.manual_seed(2)
+    cfg = AMMConfig(reduction=4, stats="batch", eval_stats="pair")
+    amm = AMM(8, cfg).eval()
+    release = AMM(8, cfg)
+    release.load_state_dict(amm.state_dict())
+    release.train()
+    x = torch.randn(2, 8, 5, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 8, 5, 6, dtype=torch.float64)
+    (g1,) = torch.autograd.grad((amm.double()(x) * w).sum(), x)
+    (g2,) = torch.autograd.grad((release.double()(x) * w).sum(), x)
+    torch.testing.assert_close(g1, g2)

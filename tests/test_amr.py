@@ -97,7 +97,8 @@ def test_every_trainable_parameter_gets_a_gradient(preset, pretrained, files):
     fixed = cfg.model.fixed_bn and pretrained
     for name in before:  # frozen and fixed BNs keep their statistics, every other BN updates them
         in_backbone = ".backbone." in name and ".amm." not in name
-        if any(name.startswith(f) for f in frozen) or (fixed and in_backbone):
+        # the AMMs inside a frozen layer1 keep training statistics, as the release's (only detached) layer1
+        if (any(name.startswith(f) for f in frozen) and ".amm." not in name) or (fixed and in_backbone):
             assert torch.equal(before[name], after[name]), name
         else:
             assert not torch.equal(before[name], after[name]), name
@@ -143,14 +144,18 @@ def test_init_spotlight(files, tmp_path):
         build_model(config("amr-official", init_spotlight=str(wrong)), K)
 
 
-def test_frozen_modules_stay_in_eval_mode(files):
+def test_frozen_modules_stay_in_eval_mode_but_their_amms_follow_the_network(files):
     model = build_model(preset_config("amr-official", True, files, fixed_bn=False), K)
     model.train()
     assert not model.spotlight.backbone.training and not model.spotlight.backbone.layer2[0].bn1.training
-    assert not model.compensation.backbone.layer1[0].amm.spatial.bn.training
+    assert not model.compensation.backbone.layer1[0].bn1.training
+    # the release freezes layer1 by detaching its output: its AMMs keep their training-mode statistics
+    assert model.compensation.backbone.layer1[0].amm.spatial.bn.training
+    assert not any(p.requires_grad for p in model.compensation.backbone.layer1.parameters())
     assert model.compensation.backbone.layer2.training and model.spotlight.classifier.training
     model.eval()
     assert not model.compensation.backbone.layer2.training
+    assert not model.compensation.backbone.layer1[0].amm.spatial.bn.training
 
 
 def test_cam_of_an_image_does_not_depend_on_its_batch():
@@ -188,8 +193,43 @@ def test_logits_are_the_mean_of_the_pre_relu_cam():
             assert out[f"logits_{s}"].min() < 0  # logits come from before the ReLU
 
 
-def test_param_groups(files):
+def test_release_param_groups(files):
+    """amr-official: the compensation backbone with its AMMs at 10x, both classifiers at 1x (train_amr)."""
     model = build_model(preset_config("amr-official", True, files), K)
+    groups = model.param_groups(lr=0.01, new_lr_mult=10.0, weight_decay=1e-4)
+    assert [g["name"] for g in groups] == ["base", "compensation"]
+    assert groups[0]["lr"] == groups[0]["initial_lr"] == 0.01
+    assert groups[1]["lr"] == groups[1]["initial_lr"] == pytest.approx(0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    base = {names[id(p)] for p in groups[0]["params"]}
+    comp = {names[id(p)] for p in groups[1]["params"]}
+    assert base == {"spotlight.classifier.weight", "compensation.classifier.weight"}
+    assert comp == {n for n, p in model.named_parameters() if p.requires_grad and n.startswith("compensation.backbone.")}
+    assert any(".layer2.0.amm." in n for n in comp) and any(".layer4.1.conv2." in n for n in comp)
+    assert not any(".layer1." in n or n.split(".")[2] in ("conv1", "bn1") for n in comp)
+
+
+def test_spotlight_logits_are_detached_when_its_backbone_is_frozen(files):
+    """The release: W_s moves only through CPS; its classification loss is dead."""
+    for preset, detached in (("amr-official", True), ("amr", False)):
+        model = build_model(preset_config(preset, True, files), K).train()
+        out = model(torch.randn(2, 3, 64, 64))
+        assert out["logits_s"].requires_grad != detached
+        loss_cfg = preset_config(preset, True, files).loss
+        loss = amr_loss(out, LABELS, loss_cfg)
+        w = model.spotlight.classifier.weight
+        (g_total,) = torch.autograd.grad(loss["total"], w, retain_graph=True)
+        (g_cps,) = torch.autograd.grad(loss_cfg.cps_weight * loss["cps"], w)
+        if detached:
+            torch.testing.assert_close(g_total, g_cps)
+        else:
+            assert (g_total - g_cps).abs().max() > 1e-6
+
+
+def test_param_groups(files):
+    cfg = preset_config("amr-block", True, files, freeze_spotlight_backbone=True,
+                        freeze_compensation=["conv1", "bn1", "layer1"])
+    model = build_model(cfg, K)
     groups = model.param_groups(lr=0.01, new_lr_mult=10.0, weight_decay=1e-4)
     assert [g["name"] for g in groups] == ["backbone", "new"]
     assert groups[0]["lr"] == groups[0]["initial_lr"] == 0.01
@@ -229,3 +269,30 @@ def test_amm_stages_select_where_amms_go():
     for bad in ("[]", "[0, 1]", "[2, 2]"):
         with pytest.raises(AmrsegError, match="amm.stages"):
             resolve("amr", {}, [f"amm.stages={bad}"])
+
+
+def test_cutout_zeroes_three_squares_scaled_with_the_crop(tiny_voc):
+    """data.cutout: the release's cam-run cutout, three squares of up to round(128 * crop / 512) px, after
+    normalisation; the other draws (resize, flip, crop) are unchanged."""
+    import numpy as np
+
+    from amrseg.config import DataConfig
+    from amrseg.data.transforms import CamTrainDataset, cutout
+    from amrseg.data.voc import open_dataset
+
+    x = torch.ones(3, 10, 12)
+    rng = np.random.default_rng(0)
+    draws = np.random.default_rng(0)
+    out = cutout(x, rng, 4)
+    expected = torch.ones(10, 12)
+    for _ in range(3):
+        cy, cx = int(draws.integers(10)), int(draws.integers(12))
+        expected[max(cy - 2, 0):cy + 2, max(cx - 2, 0):cx + 2] = 0
+    assert torch.equal(out, expected.expand(3, -1, -1)) and torch.equal(x, torch.ones(3, 10, 12))
+    data = open_dataset(tiny_voc, "train")
+    plain = CamTrainDataset(data, DataConfig(crop=64, scale_range=[1.0, 1.0]), seed=3)
+    cut = CamTrainDataset(data, DataConfig(crop=64, scale_range=[1.0, 1.0], cutout=True), seed=3)
+    a, b = plain[1][0], cut[1][0]
+    zeroed = (b == 0).all(0) & (a != 0).any(0)
+    assert torch.equal(torch.where(zeroed, torch.zeros_like(a), a), b)  # only zeroing
+    assert 0 < zeroed.sum() <= 3 * 16 * 16  # squares of up to 16 px at crop 64

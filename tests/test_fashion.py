@@ -294,3 +294,31 @@ def test_item_dataset(fmnist_dir):
     x1 = ds[3][0]
     assert not torch.equal(x1, x)
     assert torch.equal(ItemDataset(images, labels, size=48, seed=2, epoch=1)[3][0], x1)
+
+
+def test_build_fashion_scenes_is_build_scenes_source_fashion(fmnist_dir, tmp_path):
+    from amrseg.cli import main
+
+    args = ["--fmnist", str(fmnist_dir), "--train", "3", "--val", "2", "--size", "64", "--seed", "4"]
+    assert main(["build-fashion-scenes", str(tmp_path / "a"), *args]) == 0
+    assert main(["build-scenes", str(tmp_path / "b"), "--source", "fashion", *args]) == 0
+    build_scenes(tmp_path / "c", fmnist=fmnist_dir, n_train=3, n_val=2, size=64, seed=4)
+    files = sorted(p.relative_to(tmp_path / "c") for p in (tmp_path / "c").rglob("*") if p.is_file())
+    assert len(files) == 2 * 5 + 4  # an image and a mask per scene; 2 split lists, classes, labels
+    for rel in files:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "c" / rel).read_bytes() == \
+            (tmp_path / "b" / rel).read_bytes()
+
+
+def test_pretrain_backbone_fashion_keeps_its_recipe(fmnist_dir, tmp_path):
+    from amrseg.engine.pretrain import PretrainConfig, pretrain_backbone
+
+    cfg = PretrainConfig.for_source("fashion")
+    assert (cfg.epochs, cfg.size, cfg.items, cfg.batch_size, cfg.label_smoothing) == (2, 96, 12000, 64, 0.0)
+    assert PretrainConfig.for_source("fashion", epochs=None, size=48).size == 48
+    cfg = PretrainConfig.for_source("fashion", base_width=8, epochs=1, size=32, items=32, batch_size=16,
+                                    num_workers=0)
+    summary = pretrain_backbone(tmp_path / "w.pt", cfg, fmnist=str(fmnist_dir), show_progress=False)
+    assert summary["num_classes"] == 10 and summary["test_items"] == 20  # the fake t10k holds 20 items
+    assert 0.0 <= summary["test_accuracy"] <= summary["test_top5"] <= 1.0
+    assert torch.load(tmp_path / "w.pt", weights_only=True)["fc.weight"].shape == (10, 64)

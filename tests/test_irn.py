@@ -106,17 +106,18 @@ def test_displacement_loss_by_hand():
     for field in (perfect, perfect + 3.0):
         out = displacement_loss(field, pairs, 2)
         assert out["dp_fg"].item() == pytest.approx(0.0) and out["total"].item() == pytest.approx(0.0)
-    # D = 0: |0 - d|_1 over the offsets (0,1), (1,-1), (1,0), (1,1) = (1 + 2 + 1 + 2) / 4.
+    # D = 0: |0 - d|_1 over the offsets (0,1), (1,-1), (1,0), (1,1) = 1 + 2 + 1 + 2, divided by
+    # 2 * count = 8 as IRN's release does (the mean over pairs *and* coordinates).
     out = displacement_loss(torch.zeros(1, 2, 2, 3), pairs, 2)
-    assert out["dp_fg"].item() == pytest.approx(1.5) and out["total"].item() == pytest.approx(0.75)
+    assert out["dp_fg"].item() == pytest.approx(6 / 8) and out["total"].item() == pytest.approx(6 / 16)
     # The opposite sign is wrong: D(p) = p - centroid costs twice |d|.
-    assert displacement_loss(-perfect, pairs, 2)["dp_fg"].item() == pytest.approx(3.0)
+    assert displacement_loss(-perfect, pairs, 2)["dp_fg"].item() == pytest.approx(12 / 8)
     # Background pairs: |D(p) - D(q)|_1. Only the dy channel varies: 0 - 2 on the three row-1 pairs.
     bg = extract_pairs(torch.zeros(1, 2, 3, dtype=torch.long), 2)
     field = torch.zeros(1, 2, 2, 3)
     field[0, 0, 1] = 2.0
     out = displacement_loss(field, bg, 2)
-    assert out["dp_bg"].item() == pytest.approx(6 / 4) and out["dp_fg"].item() == 0.0
+    assert out["dp_bg"].item() == pytest.approx(6 / 8) and out["dp_fg"].item() == 0.0
 
 
 def test_backbone_from_a_train_cam_run(tmp_path):
@@ -196,3 +197,75 @@ def test_irn_config_defaults_follow_the_release():
     cfg = IRNConfig()
     assert (cfg.train.lr, cfg.train.lr * cfg.train.new_lr_mult, cfg.train.epochs) == (0.1, 1.0, 3)
     assert cfg.model.radius == 10 and cfg.model.strides == [1, 2, 2, 1]
+
+
+def _head_reference(head, x, factor, size):
+    """IRN's head from its parts: 1x1 conv, GroupNorm, bilinear x factor, ReLU, the top-left `size`."""
+    conv, norm = head[0], head[1]
+    y = torch.nn.functional.conv2d(x, conv.weight)
+    y = torch.nn.functional.group_norm(y, norm.num_groups, norm.weight, norm.bias, norm.eps)
+    if factor > 1:
+        y = torch.nn.functional.interpolate(y, scale_factor=factor, mode="bilinear", align_corners=False)
+    return torch.relu(y)[..., : size[0], : size[1]]
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 64, 64), (1, 3, 37, 50)])
+def test_heads_normalise_then_upsample_then_relu(shape):
+    # IRN's heads upsample *between* the GroupNorm and the ReLU, by the exact factors x2 (layer2),
+    # x4 (layer3, layer4) and x2 (the fused displacement map), then cut to the grid.
+    torch.manual_seed(3)
+    model = IRN(TINY).eval()
+    for m in model.modules():  # non-trivial affine GroupNorm parameters
+        if isinstance(m, torch.nn.GroupNorm):
+            torch.nn.init.normal_(m.weight, 1.0, 0.5)
+            torch.nn.init.normal_(m.bias, 0.0, 0.5)
+    x = torch.randn(*shape)
+    feats = model.features(x)
+    grid, mid = tuple(feats[0].shape[-2:]), tuple(feats[2].shape[-2:])
+    edges = [_head_reference(h, f, k, grid) for h, f, k in zip(model.edge_heads, feats, (1, 1, 2, 4, 4))]
+    logits = torch.nn.functional.conv2d(torch.cat(edges, 1), model.edge_out.weight, model.edge_out.bias)[:, 0]
+    deep = [_head_reference(h, f, k, mid) for h, f, k in zip(model.dp_deep, feats[2:], (1, 2, 2))]
+    fused = _head_reference(model.dp_deep_fuse, torch.cat(deep, 1), 2, grid)
+    shallow = [_head_reference(h, f, 1, grid) for h, f in zip(model.dp_shallow, feats[:2])]
+    last = _head_reference(model.dp_fuse[0], torch.cat([*shallow, fused], 1), 1, grid)
+    disp = torch.nn.functional.conv2d(last, model.dp_fuse[1].weight, model.dp_fuse[1].bias)
+    out = model(x)
+    torch.testing.assert_close(out["boundary_logits"], logits)
+    torch.testing.assert_close(out["displacement"], disp)
+    # The old order (ReLU, then resize to the grid) is another function: the test can tell them apart.
+    relu_first = torch.nn.functional.interpolate(torch.relu(torch.nn.functional.group_norm(
+        torch.nn.functional.conv2d(feats[4], model.edge_heads[4][0].weight), model.edge_heads[4][1].num_groups,
+        model.edge_heads[4][1].weight, model.edge_heads[4][1].bias)), size=grid, mode="bilinear", align_corners=False)
+    assert not torch.allclose(relu_first, edges[4])
+
+
+def test_old_state_dicts_still_load():
+    # The upsampling layers have no parameters: a head's keys are still 0 (conv) and 1 (GroupNorm).
+    keys = set(IRN(TINY).state_dict())
+    assert {"edge_heads.4.0.weight", "edge_heads.4.1.weight", "dp_deep_fuse.1.bias"} <= keys
+    assert not any(".2.weight" in k or ".3.weight" in k for k in keys if k.startswith(("edge_heads", "dp_")))
+
+
+def test_infer_boundary_pads_to_the_crop_and_averages_logits():
+    from amrseg.models.irn import inference_canvas, infer_boundary
+
+    assert [inference_canvas(s, 512, 16) for s in (375, 500, 512, 513, 700)] == [512, 512, 512, 528, 704]
+    assert inference_canvas(30, 24, 16) == 32
+    torch.manual_seed(4)
+    model = IRN(TINY).eval()
+    image = torch.randn(3, 27, 30)
+    got = infer_boundary(model, image, crop=48)
+    assert got.shape == (7, 8)
+    # By hand: zero canvas 48 x 48, image top-left; the flip the same; logits cut, flip undone.
+    canvas = torch.zeros(2, 3, 48, 48)
+    canvas[0, :, :27, :30] = image
+    canvas[1, :, :27, :30] = image.flip(-1)
+    with torch.no_grad():
+        logits = model(canvas)["boundary_logits"][:, :7, :8]
+    want = torch.sigmoid((logits[0] + logits[1].flip(-1)) / 2)
+    torch.testing.assert_close(got, want)
+    # Not the mean of the two probabilities, and not the unpadded image.
+    assert not torch.allclose(got, (torch.sigmoid(logits[0]) + torch.sigmoid(logits[1].flip(-1))) / 2, atol=1e-6)
+    with torch.no_grad():
+        unpadded = model(torch.stack([image, image.flip(-1)]))["boundary_logits"]
+    assert not torch.allclose(got, torch.sigmoid((unpadded[0] + unpadded[1].flip(-1)) / 2), atol=1e-4)

@@ -16,27 +16,36 @@ from amrseg.refine.crf import ir_label
 from amrseg.refine.pseudo_labels import strided_cams
 from amrseg.refine.random_walk import (
     affinity_coo,
-    propagate,
     random_walk,
     random_walk_sparse,
     sparse_affinity,
+    walk,
 )
 
 
-def write_cams(root, split, out, method="cam"):
-    """CAMs made from the masks: each class's mask, blurred, max 1 (and a faint halo around it)."""
+def write_cams(root, split, out, method="cam", strided=False):
+    """CAMs made from the masks: each class's mask, blurred, max 1 (and a faint halo around it).
+
+    strided: also the stride-4 `cam` array, [n, ceil(H/4), ceil(W/4)]: the mask's mean over each
+    4x4 cell (cells past the image count as empty), blurred, max 1.
+    """
     data = open_dataset(root, split, require_labels=False)
     out.mkdir(parents=True, exist_ok=True)
     for i, iid in enumerate(data.ids):
         mask = data.load_mask(i)
         keys = np.flatnonzero(data.labels[i]).astype(np.int64)
-        maps = []
+        maps, cells = [], []
         for k in keys:
             m = torch.from_numpy((mask == k + 1).astype(np.float32))[None, None]
+            c = torch.nn.functional.avg_pool2d(m, 4, ceil_mode=True, count_include_pad=False)
+            c = torch.nn.functional.avg_pool2d(c, 3, stride=1, padding=1, count_include_pad=False)[0, 0].numpy()
             m = torch.nn.functional.avg_pool2d(m, 5, stride=1, padding=2, count_include_pad=False)[0, 0].numpy()
             maps.append(m / max(m.max(), 1e-5))
+            cells.append(c / max(c.max(), 1e-5))
         high_res = np.stack(maps) if maps else np.zeros((0,) + mask.shape, np.float32)
-        save_cam(out / f"{iid}.npz", keys, high_res)
+        grid = (-(-mask.shape[0] // 4), -(-mask.shape[1] // 4))
+        cam = (np.stack(cells) if cells else np.zeros((0,) + grid, np.float32)) if strided else None
+        save_cam(out / f"{iid}.npz", keys, high_res, cam=cam)
     if method is not None:
         (out / "cams.json").write_text(json.dumps({"method": method, "run": "x", "scales": [1.0], "xi": 0.5}))
     return out
@@ -96,6 +105,39 @@ def test_crf_thresholds_follow_the_cam_method(tiny_voc, tmp_path, capsys):
     assert (s["cam_method"], s["fg_threshold"], s["bg_threshold"]) == ("gradcam", 0.5, 0.05)
 
 
+def test_a_rerun_with_other_settings_is_refused_and_overwrite_remakes(tiny_voc, tmp_path, capsys):
+    cams = write_cams(tiny_voc, "val", tmp_path / "cams")
+    out = tmp_path / "ir"
+    run = lambda *extra: _pseudo(cams, tiny_voc, out, "crf", "--no-crf", "--workers", "1", *extra, split="val")
+    assert run() == 0
+    first = _summary(capsys)
+    made = yaml.safe_load((out / "config.yaml").read_text())
+    assert (made["fg_threshold"], made["bg_threshold"], made["crf"]) == (0.30, 0.05, False)
+    labels = {p.name: p.read_bytes() for p in out.glob("*.png")}
+    assert len(labels) == first["written"] > 0
+    # Another threshold into the same folder: refused, naming the difference, nothing touched.
+    assert run("--fg-threshold", "0.5") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "fg_threshold 0.3 -> 0.5" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in out.glob("*.png")} == labels
+    # Workers do not change the labels: not a difference.
+    assert _pseudo(cams, tiny_voc, out, "crf", "--no-crf", "--workers", "0", split="val") == 0
+    assert _summary(capsys)["skipped"] == len(labels)
+    # --overwrite: every label made again with the new threshold, and recorded.
+    assert run("--fg-threshold", "0.5", "--overwrite") == 0
+    s = _summary(capsys)
+    assert (s["written"], s["skipped"], s["fg_threshold"]) == (len(labels), 0, 0.5)
+    assert yaml.safe_load((out / "config.yaml").read_text())["fg_threshold"] == 0.5
+    data = open_dataset(tiny_voc, "val")
+    cam = np.load(cams / f"{data.ids[0]}.npz")
+    expected = ir_label(data.load_image(0), cam["high_res"], cam["keys"], 0.5, 0.05, crf=False)
+    np.testing.assert_array_equal(read_mask(out / f"{data.ids[0]}.png"), expected)
+    # Labels of unknown origin (no config.yaml) are refused too.
+    (out / "config.yaml").unlink()
+    assert run("--fg-threshold", "0.5") == 2
+    assert "unknown settings" in capsys.readouterr().err
+
+
 def test_sparse_random_walk_equals_the_dense_reference():
     gen = torch.Generator().manual_seed(3)
     h, w, radius = 9, 11, 4
@@ -110,22 +152,23 @@ def test_sparse_random_walk_equals_the_dense_reference():
                                    random_walk(cams, sparse_affinity(aff, offsets), 10.0, exp_times, squaring=False))
     boundary = torch.rand(h, w, generator=gen) * 0.6
     kw = dict(radius=5, beta=10.0, exp_times=6, cam_power=1.5)
-    torch.testing.assert_close(propagate(cams, boundary, sparse=True, **kw),
-                               propagate(cams, boundary, sparse=False, **kw), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(walk(cams, boundary, sparse=True, **kw),
+                               walk(cams, boundary, sparse=False, **kw), rtol=1e-4, atol=1e-5)
 
 
-def test_strided_cams_average_each_4x4_cell():
+def test_strided_cams_of_old_files_are_resized_as_irn_then_max_normalised():
+    # 6 x 7 -> the 2 x 2 grid. Bilinear with half-pixel centres samples source row (i + 0.5) * 6 / 2
+    # - 0.5 = 1, 4 and column (j + 0.5) * 7 / 2 - 0.5 = 1.25, 4.75 of x[y, x] = 7 y + x.
     x = torch.arange(6 * 7, dtype=torch.float32).view(1, 6, 7)
-    out = strided_cams(x, (2, 2))  # padded by repeating the last row/column to 8 x 8
-    padded = torch.nn.functional.pad(x[None], (0, 1, 0, 2), mode="replicate")[0, 0]
-    assert out.shape == (1, 2, 2)
-    assert out[0, 0, 0].item() == pytest.approx(x[0, :4, :4].mean().item())
-    assert out[0, 1, 1].item() == pytest.approx(padded[4:, 4:].mean().item())
-    assert strided_cams(torch.zeros(0, 6, 7), (2, 2)).shape == (0, 2, 2)
+    out = strided_cams(x)
+    raw = torch.tensor([[7 * 1 + 1.25, 7 * 1 + 4.75], [7 * 4 + 1.25, 7 * 4 + 4.75]])
+    torch.testing.assert_close(out[0], raw / (raw.max() + 1e-5))
+    assert out.amax().item() == pytest.approx(1.0, abs=1e-5)  # peaks at 1, unlike a 4x4 average
+    assert strided_cams(torch.zeros(0, 6, 7)).shape == (0, 2, 2)
 
 
-def _irn_run(tiny_voc, tmp_path, cams):
-    """A trained (one step) IRN run, on IR labels that are the train masks themselves."""
+def _irn_run(tiny_voc, tmp_path, cams, crop=32, epochs=1):
+    """A trained (one step per epoch) IRN run, on IR labels that are the train masks themselves."""
     data = open_dataset(tiny_voc, "train")
     labels = tmp_path / "ir"
     labels.mkdir()
@@ -133,22 +176,26 @@ def _irn_run(tiny_voc, tmp_path, cams):
         write_palette_png(labels / f"{iid}.png", data.load_mask(i))
     run = tmp_path / "irn"
     assert main(["train-irn", "--cams", str(cams), "--ir-labels", str(labels), "--data", str(tiny_voc), "--split",
-                 "train", "--out", str(run), "--epochs", "1", "--backbone", "resnet18", "--base-width", "8",
-                 "--pretrained", "none", "--crop", "32", "--batch-size", "8", "--device", "cpu",
+                 "train", "--out", str(run), "--epochs", str(epochs), "--backbone", "resnet18", "--base-width", "8",
+                 "--pretrained", "none", "--crop", str(crop), "--batch-size", "8", "--device", "cpu",
                  "--set", "model.radius=3", "--set", "train.num_workers=0"]) == 0
     return run
 
 
 def test_irn_pseudo_masks_end_to_end(tiny_voc, tmp_path, capsys):
-    cams = write_cams(tiny_voc, "val", tmp_path / "cams")
+    cams = write_cams(tiny_voc, "val", tmp_path / "cams")  # high_res only: an older make-cam's files
     run = _irn_run(tiny_voc, tmp_path, cams)
     capsys.readouterr()
     out = tmp_path / "masks"
     args = ["--irn", str(run), "--workers", "0", "--exp-times", "3", "--device", "cpu"]
     assert _pseudo(cams, tiny_voc, out, "irn", *args, split="val") == 0
-    s = _summary(capsys)
-    assert (s["written"], s["skipped"], s["scored_images"]) == (4, 0, 4)
-    assert (s["radius"], s["beta"], s["exp_times"], s["cam_power"], s["bg_threshold"]) == (5, 10.0, 3, 1.5, 0.25)
+    captured = capsys.readouterr()
+    s = json.loads(captured.out.strip().splitlines()[-1])
+    assert (s["written"], s["skipped"], s["scored_images"], s["cams_resized"]) == (4, 0, 4, 4)
+    assert "no stride-4 'cam' array" in captured.err
+    # CAMs of method cam: IRN's thresholds 0.30/0.05, so IRN's power 1.
+    assert (s["cam_method"], s["radius"], s["beta"], s["exp_times"], s["cam_power"], s["bg_threshold"]) == \
+        ("cam", 5, 10.0, 3, 1.0, 0.25)
     assert 0.0 <= s["miou"] <= 1.0
     data = open_dataset(tiny_voc, "val")
     for i, iid in enumerate(data.ids):
@@ -160,6 +207,89 @@ def test_irn_pseudo_masks_end_to_end(tiny_voc, tmp_path, capsys):
     again = _summary(capsys)
     assert (again["written"], again["skipped"], again["miou"]) == (0, 4, s["miou"])
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+
+
+def _odd_sizes(root, split, cuts=((0, 0), (5, 3), (3, 7), (1, 6))):
+    """Cuts the split's images and masks to other sizes (H - a) x (W - b), none a multiple of 4 or 16."""
+    data = open_dataset(root, split)
+    for i, iid in enumerate(data.ids):
+        a, b = cuts[i % len(cuts)]
+        image, mask = data.load_image(i), data.load_mask(i)
+        h, w = mask.shape
+        Image.fromarray(image[: h - a, : w - b]).save(root / "JPEGImages" / f"{iid}.jpg", quality=95)
+        write_palette_png(root / "SegmentationClass" / f"{iid}.png", mask[: h - a, : w - b])
+
+
+def test_irn_pseudo_masks_match_a_slow_reading_of_irn(tiny_voc, tmp_path, capsys):
+    # The whole `pseudo-labels --method irn` against tests/irn_reference.py, IRN's and AMR's
+    # make_sem_seg_labels read from their formulas: the stride-4 `cam` array, the boundary of the
+    # image + flip padded to the crop, IRN's two-pixel paths, the walk, x4, normalised on the image.
+    from irn_reference import irn_boundary, sem_seg_label
+
+    from amrseg.data.transforms import normalize
+    from amrseg.models.irn import load_irn
+
+    _odd_sizes(tiny_voc, "val")
+    cams = write_cams(tiny_voc, "val", tmp_path / "cams", method="advcam", strided=True)
+    run = _irn_run(tiny_voc, tmp_path, cams, crop=48, epochs=2)
+    capsys.readouterr()
+    out = tmp_path / "masks"
+    # 2^2 steps: on these 8 x 8 grids 2^8 would spread every class over its whole image.
+    assert _pseudo(cams, tiny_voc, out, "irn", "--irn", str(run), "--workers", "0", "--device", "cpu",
+                   "--exp-times", "2", split="val") == 0
+    captured = capsys.readouterr()
+    s = json.loads(captured.out.strip().splitlines()[-1])
+    assert (s["cam_method"], s["cam_power"], s["cams_resized"]) == ("advcam", 1.5, 0)  # AMR's pair
+    assert "warning" not in captured.err
+    model, _, _ = load_irn(run, torch.device("cpu"))
+    data = open_dataset(tiny_voc, "val")
+    equal = total = mixed = 0
+    sizes = set()
+    for i, iid in enumerate(data.ids):
+        image = data.load_image(i)
+        sizes.add(image.shape[:2])
+        cam = np.load(cams / f"{iid}.npz")
+        edge = irn_boundary(model, normalize(image), crop=48)
+        want = sem_seg_label(cam["cam"].astype(np.float64), edge, cam["keys"], image.shape[:2], cam_power=1.5,
+                             exp_times=2)
+        got = read_mask(out / f"{iid}.png")
+        equal += int((got == want).sum())
+        total += want.size
+        mixed += len(np.unique(want)) > 1
+    assert len(sizes) == 4 and mixed >= 3  # odd sizes, and masks that are not one class everywhere
+    assert equal / total >= 0.9999, equal / total
+
+
+def test_cam_power_follows_the_thresholds_of_the_cam_method(tiny_voc, tmp_path, capsys):
+    from amrseg.refine.crf import DEFAULT_THRESHOLDS
+    from amrseg.refine.pseudo_labels import default_cam_power
+
+    assert {m: (DEFAULT_THRESHOLDS[m], default_cam_power(m)) for m in DEFAULT_THRESHOLDS} == {
+        "cam": ((0.30, 0.05), 1.0), "gradcam": ((0.30, 0.05), 1.0), "advcam": ((0.60, 0.33), 1.5)}
+    cams = write_cams(tiny_voc, "val", tmp_path / "cams", method="cam", strided=True)
+    run = _irn_run(tiny_voc, tmp_path, cams)
+    capsys.readouterr()
+    args = ["--irn", str(run), "--workers", "0", "--exp-times", "1", "--device", "cpu"]
+    # --cam-method now serves irn too; --cam-power wins over both.
+    assert _pseudo(cams, tiny_voc, tmp_path / "a", "irn", *args, "--cam-method", "advcam", split="val") == 0
+    assert _summary(capsys)["cam_power"] == 1.5
+    assert _pseudo(cams, tiny_voc, tmp_path / "b", "irn", *args, "--cam-power", "2", split="val") == 0
+    assert _summary(capsys)["cam_power"] == 2.0
+    assert _pseudo(cams, tiny_voc, tmp_path / "c", "irn", *args, "--cam-power", "0", split="val") == 2
+    _one_line_error(capsys, "--cam-power")
+
+
+def test_a_cam_array_off_the_grid_is_a_one_line_error(tiny_voc, tmp_path, capsys):
+    cams = write_cams(tiny_voc, "val", tmp_path / "cams", strided=True)
+    data = open_dataset(tiny_voc, "val")
+    bad = cams / f"{data.ids[1]}.npz"
+    arrays = dict(np.load(bad))
+    save_cam(bad, arrays["keys"], arrays["high_res"], cam=arrays["cam"][:, :-1])
+    run = _irn_run(tiny_voc, tmp_path, cams)
+    capsys.readouterr()
+    assert _pseudo(cams, tiny_voc, tmp_path / "m", "irn", "--irn", str(run), "--workers", "0", "--device", "cpu",
+                   split="val") == 2
+    _one_line_error(capsys, f"{data.ids[1]}.npz", "stride-4 'cam'", "expected 8x8")
 
 
 def _one_line_error(capsys, *needles):

@@ -1,6 +1,7 @@
 """Training-time image transforms (AMR.md section 4) and the CAM training dataset.
 
-Per image: resize so the long side is uniform in [lo * crop, hi * crop] (bicubic), horizontal
+Per image: a random resize (bicubic; `data.scale_of`: the long side uniform in [lo * crop, hi * crop]
+for CAM training, or the image scaled by a factor uniform in [lo, hi] for IRN and DeepLab), horizontal
 flip with p 0.5, ImageNet normalisation, then a random crop of crop x crop that pads with 0
 *after* normalisation (IRN's `random_crop`: a small image sits at a random offset in a zero
 canvas, a large one is cut at a random offset).
@@ -42,6 +43,23 @@ def resize_long(img: np.ndarray, long_side: int, nearest: bool = False) -> np.nd
     return np.asarray(Image.fromarray(img).resize(size, Image.NEAREST if nearest else Image.BICUBIC))
 
 
+def random_size(shape: tuple[int, int], rng: np.random.Generator, cfg: DataConfig) -> tuple[int, int]:
+    """The (W, H) an HxW image is resized to before the crop: one draw from `rng`.
+
+    scale_of "crop": the long side is an integer uniform in [round(lo * crop), round(hi * crop)]
+    (AMR.md section 4); "image": the image is scaled by a factor uniform in [lo, hi) of its own size
+    (IRN's random_scale, DeepLab). Each side at least 1 px.
+    """
+    h, w = shape
+    lo, hi = cfg.scale_range
+    if cfg.scale_of == "image":
+        scale = lo + rng.random() * (hi - lo)
+    else:
+        lo_px, hi_px = round(lo * cfg.crop), round(hi * cfg.crop)
+        scale = int(rng.integers(max(1, lo_px), max(1, hi_px) + 1)) / max(h, w)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
 def random_crop(x: torch.Tensor, crop: int, rng: np.random.Generator, fill: float = 0) -> torch.Tensor:
     """crop x crop window of a [C x] H x W tensor; padded with `fill` where the image is smaller.
 
@@ -64,8 +82,8 @@ def train_transform(img: np.ndarray, rng: np.random.Generator, cfg: DataConfig,
 
     Args:
         img: HxWx3 uint8 RGB.
-        rng: the only source of randomness (draws: long side, flip, crop offsets).
-        cfg: scale_range (long side / crop), crop, hflip.
+        rng: the only source of randomness (draws: scale, flip, crop offsets).
+        cfg: scale_range and scale_of (`random_size`), crop, hflip.
         label: optional HxW uint8 label map (pseudo mask, IR label): resized nearest, flipped and
             cropped with the image, padded with 255 (ignore).
 
@@ -75,15 +93,14 @@ def train_transform(img: np.ndarray, rng: np.random.Generator, cfg: DataConfig,
     """
     if label is not None and label.shape != img.shape[:2]:
         raise ValueError(f"label map {label.shape} does not match the image {img.shape[:2]}")
-    lo, hi = (round(s * cfg.crop) for s in cfg.scale_range)
-    long_side = int(rng.integers(max(1, lo), max(1, hi) + 1))
-    img = resize_long(img, long_side)
+    size = random_size(img.shape[:2], rng, cfg)
+    img = np.asarray(Image.fromarray(img).resize(size, Image.BICUBIC))
     flip = cfg.hflip and rng.random() < 0.5
     if flip:
         img = img[:, ::-1]
     if label is None:
         return random_crop(normalize(img), cfg.crop, rng)
-    label = resize_long(label, long_side, nearest=True)
+    label = np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
     if flip:
         label = label[:, ::-1]
     # One crop draw places image and label alike: stack the label (and a mask of the placed image)
@@ -120,7 +137,24 @@ class CamTrainDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         rng = np.random.default_rng([self.seed, self.epoch, int(i)])
         image = train_transform(self.data.load_image(i), rng, self.cfg)
+        if self.cfg.cutout:
+            image = cutout(image, rng, round(128 * self.cfg.crop / 512))
         return image, self.labels[i], int(i)
+
+
+def cutout(x: torch.Tensor, rng: np.random.Generator, length: int, squares: int = 3) -> torch.Tensor:
+    """x [C, H, W] with `squares` squares set to 0 (after normalisation: the release's cam run).
+
+    Each square is centred at a uniform pixel (y, x) and spans [y - length // 2, y + length // 2),
+    clipped to the image, so it is up to `length` px wide (2 * (length // 2)). Returns a copy.
+    """
+    x = x.clone()
+    h, w = x.shape[-2:]
+    half = length // 2
+    for _ in range(squares):
+        cy, cx = int(rng.integers(h)), int(rng.integers(w))
+        x[..., max(cy - half, 0):min(cy + half, h), max(cx - half, 0):min(cx + half, w)] = 0
+    return x
 
 
 def check_label_dir(folder: Path, data: SegData, flag: str = "--labels") -> list[Path]:

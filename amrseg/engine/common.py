@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,11 +47,26 @@ def init_distributed() -> DistInfo:
     return info
 
 
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def pick_device(name: str, local_rank: int = 0, flag: str = "--device") -> torch.device:
+    """The torch device for `--device auto|cpu|cuda` (auto: CUDA when there is one); every command's check.
+
+    Raises:
+        AmrsegError: an unknown name, `cuda` without a CUDA device, or a process rank without its GPU.
+    """
+    if name not in DEVICES:
+        raise AmrsegError(f"{flag} {name}: not one of {', '.join(DEVICES)}")
     if name == "cuda" and not torch.cuda.is_available():
-        raise AmrsegError("--device cuda: no CUDA device is available (use --device cpu)")
+        raise AmrsegError(f"{flag} cuda: no CUDA device is available (this torch {torch.__version__} "
+                          f"{'has no CUDA support' if torch.version.cuda is None else 'sees no GPU'}); "
+                          f"use {flag} cpu or auto")
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
+    if local_rank >= torch.cuda.device_count():
+        raise AmrsegError(f"{flag} {name}: process LOCAL_RANK {local_rank} has no GPU "
+                          f"({torch.cuda.device_count()} visible)")
     return torch.device("cuda", local_rank)
 
 
@@ -68,8 +85,52 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of all tensors in a nested dict/list (what torch.save will write, give or take)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """torch.save through fileio.atomic_write; a full disk is one AmrsegError naming `path`."""
+
+    def write(tmp: str) -> None:
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:
+            # torch's zip writer reports a failed write as "unexpected pos ..." without the OS error.
+            if shutil.disk_usage(os.path.dirname(tmp)).free < tensor_bytes(obj) + (1 << 20):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
+            raise OSError(errno.EIO, f"torch.save failed: {str(e).splitlines()[0][:160]}") from None
+
+    atomic_write(path, write)
+
+
+# torch.save writes a zip archive (PyTorch >= 1.6) or, in the legacy format, a pickle stream.
+_WEIGHTS_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _weights_problem(path: Path) -> Optional[str]:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        return f"cannot read ({e.strerror})"
+    if not head.startswith(_WEIGHTS_MAGIC):
+        return "not a PyTorch weights file (expected a file written by torch.save)"
+    return None
+
+
+def check_weights_file(path: Path, flag: str) -> None:
+    """One line unless `path` starts like a file written by torch.save (a text file, an image...)."""
+    problem = _weights_problem(Path(path))
+    if problem:
+        raise AmrsegError(f"{flag} {path}: {problem}")
 
 
 def load_torch(path: Path, what: str) -> dict:
@@ -77,6 +138,9 @@ def load_torch(path: Path, what: str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise AmrsegError(f"{path}: {what} not found")
+    problem = _weights_problem(path)
+    if problem:
+        raise AmrsegError(f"{path}: {what}: {problem}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle with code, wrong format...

@@ -64,7 +64,11 @@ class AMRNet(nn.Module):
 
     def __init__(self, model_cfg: ModelConfig, amm_cfg: AMMConfig, num_classes: int):
         super().__init__()
-        self._frozen: list[str] = []  # qualified module names kept frozen and in eval mode
+        self._frozen: list[str] = []  # qualified module names kept frozen (see freeze)
+        # The release detaches the logits of its frozen spotlight: its classification loss is dead and
+        # W_s moves only through CPS (AMR.md section 4).
+        self._detach_spotlight_logits = bool(model_cfg.freeze_spotlight_backbone)
+        self._lr_groups = model_cfg.lr_groups
         # Fixed BN only makes sense on pretrained statistics; from scratch every BN must learn.
         fixed = model_cfg.fixed_bn and model_cfg.pretrained != "none"
 
@@ -94,15 +98,25 @@ class AMRNet(nn.Module):
             out.append(("compensation", self.compensation))
         return out
 
+    @property
+    def output_stride(self) -> int:
+        """Input size / final feature map size (both branches share the strides)."""
+        return self.spotlight.backbone.output_stride
+
     def branch_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """{'spotlight': F_s, 'compensation': F_c} (the latter only when present)."""
         return {name: branch.features(x) for name, branch in self.branches()}
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{'logits_s', 'cam_s'} and, with the compensation branch, {'logits_c', 'cam_c'}."""
+        """{'logits_s', 'cam_s'} and, with the compensation branch, {'logits_c', 'cam_c'}.
+
+        With a frozen spotlight backbone, 'logits_s' is detached (the release).
+        """
         out = {}
         for name, branch in self.branches():
             logits, cam = branch(x)
+            if name == "spotlight" and self._detach_spotlight_logits:
+                logits = logits.detach()
             out[f"logits_{_SUFFIX[name]}"] = logits
             out[f"cam_{_SUFFIX[name]}"] = cam
         return out
@@ -110,10 +124,12 @@ class AMRNet(nn.Module):
     # ----------------------------------------------------------------------- freezing
 
     def freeze(self, model_cfg: ModelConfig) -> None:
-        """Freezes what model_cfg asks for: no gradient, and eval mode (BN statistics stay put).
+        """Freezes what model_cfg asks for: no gradient; the backbone's own BN keeps its statistics.
 
         Idempotent, so it can be applied again after loading weights. A frozen layer1 freezes the
-        AMMs inside its blocks too, as the release's detach after layer1 does.
+        parameters of the AMMs inside its blocks too, as the release's detach after layer1 does,
+        but those AMMs follow the network's mode: in training their spatial-gate BN normalises with
+        the batch, as in the release, whose frozen layer1 is only detached.
         """
         names = []
         if model_cfg.freeze_stem and model_cfg.pretrained != "none":
@@ -132,26 +148,43 @@ class AMRNet(nn.Module):
                                       f"(valid: {', '.join(valid)})")
                 names.append(f"compensation.backbone.{n}")
         for name in names:
-            module = self.get_submodule(name)
-            module.requires_grad_(False)
-            module.eval()
+            self.get_submodule(name).requires_grad_(False)
         self._frozen = sorted(set(self._frozen) | set(names))
+        self._set_frozen_modes(self.training)
+
+    def _set_frozen_modes(self, mode: bool) -> None:
+        for name in self._frozen:  # the frozen backbone parts stay in eval mode, their AMMs follow `mode`
+            module = self.get_submodule(name)
+            module.eval()
+            for m in module.modules():
+                if isinstance(m, AMM):
+                    m.train(mode)
 
     def train(self, mode: bool = True) -> "AMRNet":
         super().train(mode)
-        for name in self._frozen:  # frozen modules never leave eval mode
-            self.get_submodule(name).eval()
+        self._set_frozen_modes(mode)
         return self
 
     def param_groups(self, lr: float, new_lr_mult: float, weight_decay: float) -> list[dict]:
-        """SGD groups of trainable parameters: backbone at lr, new layers (AMMs, classifiers) x mult."""
-        backbone, new = [], []
+        """SGD groups of the trainable parameters, per model.lr_groups.
+
+        new: backbones at lr, new layers (AMMs, classifiers) at lr * new_lr_mult (AMR.md section 4).
+        release: the compensation backbone with its AMMs at lr * new_lr_mult; the spotlight backbone
+        and both classifiers at lr (the release's train_amr groups).
+        """
+        groups: dict[str, list] = {}
         for name, p in self.named_parameters():
-            if p.requires_grad:
-                (backbone if ".backbone." in name and ".amm." not in name else new).append(p)
-        groups = [("backbone", backbone, lr), ("new", new, lr * new_lr_mult)]
-        return [{"params": ps, "lr": g_lr, "initial_lr": g_lr, "weight_decay": weight_decay, "name": name}
-                for name, ps, g_lr in groups if ps]
+            if not p.requires_grad:
+                continue
+            if self._lr_groups == "release":
+                comp = name.startswith("compensation.") and not name.startswith("compensation.classifier.")
+                key = "compensation" if comp else "base"
+            else:
+                key = "backbone" if ".backbone." in name and ".amm." not in name else "new"
+            groups.setdefault(key, []).append(p)
+        rates = {"backbone": lr, "new": lr * new_lr_mult, "base": lr, "compensation": lr * new_lr_mult}
+        return [{"params": groups[k], "lr": rates[k], "initial_lr": rates[k], "weight_decay": weight_decay,
+                 "name": k} for k in ("backbone", "new", "base", "compensation") if k in groups]
 
 
 def read_run_weights(source: str, flag: str) -> dict:

@@ -3,6 +3,12 @@
 ASPP as in v2: four parallel 3x3 convolutions with dilations 6, 12, 18, 24 straight to the class
 scores, summed (no image pooling branch, no batch norm: that is v3). The backbone keeps
 torchvision's names, so ImageNet checkpoints load strictly.
+
+Dilated layers (`model.dilation_style`): "deeplab" (default) dilates every block of layer3 (2) and
+layer4 (4), the first one too, as DeepLab-v2's Caffe model (res4a/res5a) and the kazuto1011
+PyTorch port do; "torchvision" gives each layer's first block the previous layer's dilation (layer3
+block 0: 1, layer4 block 0: 2), as torchvision's replace_stride_with_dilation. Same weights, other
+receptive fields; a checkpoint trained under one is not the other's model.
 """
 from __future__ import annotations
 
@@ -19,6 +25,16 @@ from .resnet import ResNet, build_resnet
 
 # output stride -> (strides, dilations) of layer1..4; the stem is /4.
 _LAYOUTS = {8: ((1, 2, 1, 1), (1, 1, 2, 4)), 16: ((1, 2, 2, 1), (1, 1, 1, 2))}
+DILATION_STYLES = ("deeplab", "torchvision")
+
+
+def first_block_dilations(dilations: Sequence[int], style: str) -> tuple[int, ...]:
+    """Dilation of the first block of layer1..4 under a dilation style (see the module docstring)."""
+    if style not in DILATION_STYLES:
+        raise AmrsegError(f"config key 'model.dilation_style': {style!r} is not one of {', '.join(DILATION_STYLES)}")
+    if style == "deeplab":
+        return tuple(dilations)
+    return (1, *dilations[:-1])
 
 
 class ASPP(nn.Module):
@@ -50,7 +66,8 @@ class DeepLabV2(nn.Module):
             raise AmrsegError(f"config key 'model.output_stride': {cfg.output_stride} is not one of 8, 16")
         strides, dilations = _LAYOUTS[cfg.output_stride]
         fixed = cfg.fixed_bn and cfg.pretrained != "none"
-        self.backbone: ResNet = build_resnet(cfg.backbone, cfg.base_width, strides, fixed, dilations=dilations)
+        self.backbone: ResNet = build_resnet(cfg.backbone, cfg.base_width, strides, fixed, dilations=dilations,
+                                             first_dilations=first_block_dilations(dilations, cfg.dilation_style))
         self.aspp = ASPP(self.backbone.out_channels, num_classes, cfg.aspp_rates)
         self.num_classes = num_classes
 

@@ -10,6 +10,8 @@ authors' release placement).
 from __future__ import annotations
 
 import inspect
+import pickle
+import re
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -123,6 +125,10 @@ class ResNet(nn.Module):
         block_amm: when given, builds the AMM of each residual block from its output channels and
             stage index (0..3); it may return None to leave a stage's blocks plain.
         dilations: dilation of the 3x3 convs of layer1..4 (DeepLab: 1, 1, 2, 4 with strides 1, 2, 1, 1).
+        first_dilations: dilation of the first block of each of layer1..4; None = `dilations` (every
+            block of a layer alike: DeepLab-v2's Caffe model and the kazuto1011 port). torchvision's
+            replace_stride_with_dilation gives the first block the previous layer's dilation
+            (1, 1, 1, 2 for the DeepLab layout above).
 
     Attributes:
         stage_channels: output channels of layer1..4. out_channels: those of layer4.
@@ -132,7 +138,7 @@ class ResNet(nn.Module):
     def __init__(self, depth: int, base_width: int = 64, strides: Sequence[int] = (1, 2, 2, 1),
                  norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
                  block_amm: Optional[Callable[[int, int], Optional[nn.Module]]] = None,
-                 dilations: Sequence[int] = (1, 1, 1, 1)):
+                 dilations: Sequence[int] = (1, 1, 1, 1), first_dilations: Optional[Sequence[int]] = None):
         super().__init__()
         if depth not in _DEPTHS:
             raise AmrsegError(f"ResNet depth {depth}: not one of {', '.join(map(str, _DEPTHS))}")
@@ -140,6 +146,9 @@ class ResNet(nn.Module):
             raise AmrsegError(f"ResNet strides {list(strides)}: expected 4 (layer1..4)")
         if len(dilations) != 4 or any(int(d) < 1 for d in dilations):
             raise AmrsegError(f"ResNet dilations {list(dilations)}: expected 4 positive values (layer1..4)")
+        first_dilations = dilations if first_dilations is None else first_dilations
+        if len(first_dilations) != 4 or any(int(d) < 1 for d in first_dilations):
+            raise AmrsegError(f"ResNet first-block dilations {list(first_dilations)}: expected 4 positive values")
         block, counts = _DEPTHS[depth]
         self.depth, self.base_width = depth, base_width
         self.conv1 = nn.Conv2d(3, base_width, 7, stride=2, padding=3, bias=False)
@@ -148,10 +157,11 @@ class ResNet(nn.Module):
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         inplanes = base_width
         self.stage_channels = []
-        for i, (n, stride, dilation) in enumerate(zip(counts, strides, dilations)):
+        for i, (n, stride, dilation, first) in enumerate(zip(counts, strides, dilations, first_dilations)):
             planes = base_width * 2 ** i
             amm = None if block_amm is None else (lambda c, i=i: block_amm(c, i))
-            layer = self._make_layer(block, inplanes, planes, n, int(stride), norm_layer, amm, int(dilation))
+            layer = self._make_layer(block, inplanes, planes, n, int(stride), norm_layer, amm, int(dilation),
+                                     int(first))
             setattr(self, f"layer{i + 1}", layer)
             inplanes = planes * block.expansion
             self.stage_channels.append(inplanes)
@@ -166,7 +176,7 @@ class ResNet(nn.Module):
 
     @staticmethod
     def _make_layer(block, inplanes: int, planes: int, n: int, stride: int, norm_layer,
-                    block_amm, dilation: int = 1) -> nn.Sequential:
+                    block_amm, dilation: int = 1, first_dilation: Optional[int] = None) -> nn.Sequential:
         out = planes * block.expansion
         downsample = None
         if stride != 1 or inplanes != out:
@@ -175,7 +185,8 @@ class ResNet(nn.Module):
         for j in range(n):
             amm = block_amm(out) if block_amm is not None else None
             if j == 0:
-                layers.append(block(inplanes, planes, stride, downsample, norm_layer, amm, dilation))
+                first = dilation if first_dilation is None else first_dilation
+                layers.append(block(inplanes, planes, stride, downsample, norm_layer, amm, first))
             else:
                 layers.append(block(out, planes, 1, None, norm_layer, amm, dilation))
         return nn.Sequential(*layers)
@@ -197,21 +208,53 @@ class ResNet(nn.Module):
 
 def build_resnet(name: str, base_width: int = 64, strides: Sequence[int] = (1, 2, 2, 1),
                  fixed_bn: bool = False, block_amm: Optional[Callable[[int, int], Optional[nn.Module]]] = None,
-                 dilations: Sequence[int] = (1, 1, 1, 1)) -> ResNet:
+                 dilations: Sequence[int] = (1, 1, 1, 1), first_dilations: Optional[Sequence[int]] = None) -> ResNet:
     """Builds `name` (resnet18/34/50/101); fixed_bn selects FixedBatchNorm2d for every backbone BN."""
     names = {f"resnet{d}": d for d in _DEPTHS}
     if name not in names:
         raise AmrsegError(f"backbone {name!r}: unknown (valid: {', '.join(names)})")
     norm = FixedBatchNorm2d if fixed_bn else nn.BatchNorm2d
-    return ResNet(names[name], base_width, strides, norm, block_amm, dilations)
+    return ResNet(names[name], base_width, strides, norm, block_amm, dilations, first_dilations)
 
 
 # --------------------------------------------------------------------------- weights
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
+    """The error's message on one line, without terminal escape codes; a long one to its first sentence."""
+    text = " ".join(_ANSI.sub("", str(err)).split()) or type(err).__name__
+    if len(text) > 200 and ". " in text[:200]:
+        text = text[: text.index(". ") + 1]
     return text[:200]
+
+
+def _not_weights(path: Path) -> Optional[str]:
+    """Why a file torch.load refused is not a weights file, when its first bytes say so; else None.
+
+    torch.save writes a zip archive (PK..) or, in the legacy format, a pickle (0x80 ..).
+    """
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x80")):
+        return None
+    if not head:
+        return "an empty file"
+    try:
+        head.decode("utf-8")
+        return "a text file"
+    except UnicodeDecodeError:
+        return "not a PyTorch file"
+
+
+def _pickled_object(err: BaseException) -> Optional[str]:
+    """The class a weights-only load refused (e.g. a whole model saved with torch.save(model)), if named."""
+    if not isinstance(err, pickle.UnpicklingError):
+        return None
+    found = re.search(r"GLOBAL ([\w.]+)", _ANSI.sub("", str(err)))
+    return found.group(1) if found else "a Python object"
 
 
 def _download(url: str, flag: str) -> dict:
@@ -232,6 +275,14 @@ def _read_file(path: str) -> dict:
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
+        what = _not_weights(p)
+        if what:
+            raise AmrsegError(f"--pretrained {path}: not a weights file ({what}); expected a state dict saved "
+                              f"with torch.save(model.state_dict(), PATH)") from None
+        obj = _pickled_object(e)
+        if obj:
+            raise AmrsegError(f"--pretrained {path}: holds a pickled {obj} (a whole model saved with "
+                              f"torch.save(model)?), not a plain state dict; save model.state_dict() instead") from None
         raise AmrsegError(f"--pretrained {path}: cannot read weights ({_one_line(e)})") from None
 
 

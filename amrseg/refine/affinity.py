@@ -171,8 +171,9 @@ def displacement_loss(disp: torch.Tensor, pairs: dict[str, torch.Tensor], radius
         radius: Affinity radius.
 
     Returns:
-        ``dp_fg``: mean over ``pos_fg`` pairs of ``|D(p) - D(q) - d|_1``; ``dp_bg``: mean over
-        ``pos_bg`` pairs of ``|D(p) - D(q)|_1`` (each 0 without pairs); ``total`` = their mean.
+        ``dp_fg``: mean over ``pos_fg`` pairs and the two coordinates of ``|D(p) - D(q) - d|``
+        (IRN's sum of the L1 norms divided by 2 * count); ``dp_bg``: the same of ``|D(p) - D(q)|``
+        over ``pos_bg`` pairs (each 0 without pairs); ``total`` = their mean.
     """
     if disp.dim() != 4 or disp.shape[1] != 2:
         raise AmrsegError(f"displacement field must be [B, 2, H, W], got {tuple(disp.shape)}")
@@ -181,36 +182,65 @@ def displacement_loss(disp: torch.Tensor, pairs: dict[str, torch.Tensor], radius
     target = torch.tensor(search_offsets(radius), dtype=diff.dtype, device=diff.device)  # [D, 2]
     target = target.T.reshape(1, 2, -1, 1, 1)
     out = {
-        "dp_fg": _masked_mean((diff - target).abs().sum(dim=1), pairs["pos_fg"]),
-        "dp_bg": _masked_mean(diff.abs().sum(dim=1), pairs["pos_bg"]),
+        "dp_fg": _masked_mean((diff - target).abs().mean(dim=1), pairs["pos_fg"]),
+        "dp_bg": _masked_mean(diff.abs().mean(dim=1), pairs["pos_bg"]),
     }
     out["total"] = out["dp_fg"] / 2 + out["dp_bg"] / 2
     return out
 
 
-def line_points(dy: int, dx: int) -> list[tuple[int, int]]:
-    """The lattice points of the segment from (0, 0) to (dy, dx), endpoints included.
+def path_points(dy: int, dx: int) -> list[tuple[int, int]]:
+    """IRN's path between pixel p and p + d: the lattice points the boundary is read on.
 
-    ``n = max(|dy|, |dx|)`` steps; point k is ``(round(k dy / n), round(k dx / n))``, rounding
-    halves away from zero (so the path of ``-d`` is the mirror of that of ``d``).
+    Every point c of the bounding box of the segment from (0, 0) to d = (dy, dx) whose distance to
+    the line through them is below 1: ``(dy * c_x - dx * c_y)^2 < dy^2 + dx^2`` (IRN's
+    misc/indexing.py). A band about two pixels wide, so a boundary one pixel wide, in any direction,
+    always meets it: 14.0 points per offset on average at radius 10, against 6.9 on the thin
+    rounded line that amrseg drew before. Endpoints included; the path of ``-d`` is the mirror of
+    that of ``d``. Points in row-major order.
+
+    Args:
+        dy, dx: The offset, not both 0.
+
+    Returns:
+        The points (y, x) relative to p.
     """
-    n = max(abs(dy), abs(dx))
-    if n == 0:
+    norm2 = dy * dy + dx * dx
+    if norm2 == 0:
         return [(0, 0)]
+    return [
+        (y, x)
+        for y in range(min(0, dy), max(0, dy) + 1)
+        for x in range(min(0, dx), max(0, dx) + 1)
+        if (dy * x - dx * y) ** 2 < norm2
+    ]
 
-    def rnd(num: int) -> int:  # round(num / n), halves away from zero, in exact integers
-        q = (2 * abs(num) + n) // (2 * n)
-        return q if num >= 0 else -q
 
-    return [(rnd(k * dy), rnd(k * dx)) for k in range(n + 1)]
+def path_runs(dy: int, dx: int) -> list[tuple[int, int, int, bool]]:
+    """:func:`path_points` as runs of adjacent points: ``(y, x, length, horizontal)``.
+
+    A run starts at (y, x) and covers ``length`` points to the right (horizontal) or downwards.
+    Each row of the band, and each column, is one run (the band is convex); the direction with
+    fewer runs is chosen.
+    """
+    points = path_points(dy, dx)
+    rows: dict[int, list[int]] = {}
+    cols: dict[int, list[int]] = {}
+    for y, x in points:
+        rows.setdefault(y, []).append(x)
+        cols.setdefault(x, []).append(y)
+    if len(rows) <= len(cols):
+        return [(y, min(xs), len(xs), True) for y, xs in sorted(rows.items())]
+    return [(min(ys), x, len(ys), False) for x, ys in sorted(cols.items())]
 
 
 def boundary_to_affinity(boundary: torch.Tensor, radius: int) -> torch.Tensor:
     """IRN's affinity from a class-boundary map.
 
-    ``aff(p, p + d) = 1 - max(boundary)`` over the points of the straight line from p to p + d
-    (:func:`line_points`, endpoints included): two pixels are related unless a boundary lies
-    between them. Differentiable in ``boundary`` (the boundary branch trains through it).
+    ``aff(p, p + d) = 1 - max(boundary)`` over IRN's path from p to p + d (:func:`path_points`,
+    endpoints included): two pixels are related unless a boundary lies between them. The same
+    path serves training (the affinity loss) and the random walk. Differentiable in ``boundary``
+    (the boundary branch trains through it).
 
     Args:
         boundary: [B, H, W] boundary probabilities in [0, 1].
@@ -223,14 +253,31 @@ def boundary_to_affinity(boundary: torch.Tensor, radius: int) -> torch.Tensor:
         raise AmrsegError(f"boundary map must be [B, H, W], got {tuple(boundary.shape)}")
     offsets = search_offsets(radius)
     crop = crop_of(offsets)
-    # Many offsets share path points: slice each point once.
-    shifted: dict[tuple[int, int], torch.Tensor] = {}
+    height, width = boundary.shape[-2:]
+    h, w = crop.size(height, width)
+    if h <= 0 or w <= 0:
+        raise AmrsegError(f"map of size {(height, width)} is too small for the affinity radius")
+    # Each row (and each column) of a path is one run of adjacent points. The max over a run of k
+    # points is read from a running max over k pixels, computed once per k and direction, so an
+    # offset costs one read per run, not one per point (the paths hold 14 points on average at
+    # radius 10, in 3.5 runs of the shorter direction).
+    runs: dict[tuple[int, bool], torch.Tensor] = {(1, True): boundary, (1, False): boundary}
+
+    def running_max(k: int, horizontal: bool) -> torch.Tensor:
+        if (k, horizontal) not in runs:
+            prev = running_max(k - 1, horizontal)
+            if horizontal:
+                runs[k, True] = torch.maximum(prev[..., :, :-1], boundary[..., :, k - 1:])
+            else:
+                runs[k, False] = torch.maximum(prev[..., :-1, :], boundary[..., k - 1:, :])
+        return runs[k, horizontal]
+
     affs = []
     for dy, dx in offsets:
         peak = None
-        for point in line_points(dy, dx):
-            if point not in shifted:
-                shifted[point] = _shifted(boundary, crop, *point)
-            peak = shifted[point] if peak is None else torch.maximum(peak, shifted[point])
+        for y, x, k, horizontal in path_runs(dy, dx):
+            y0, x0 = y, crop.max_dx_neg + x
+            part = running_max(k, horizontal)[..., y0 : y0 + h, x0 : x0 + w]
+            peak = part if peak is None else torch.maximum(peak, part)
         affs.append(1.0 - peak)
     return torch.stack(affs, dim=1)

@@ -3,9 +3,10 @@
 - crf: IRN's inter-pixel relation (IR) labels: the CAMs thresholded high and low, each refined by a
   dense CRF (refine.crf.ir_label); confident foreground, confident background, 255 between. They
   train the IRN (train-irn). Runs over a pool of processes.
-- irn: pseudo masks: each image's CAMs, at stride 4, random-walked over the affinities of a trained
-  IRN's boundary map (refine.random_walk.propagate), upsampled to the image and argmax'd against a
-  background plane. They train the segmentation network (train-seg). Runs on the device.
+- irn: pseudo masks: each image's stride-4 CAMs (the CAM file's `cam` array), random-walked over the
+  affinities of a trained IRN's boundary map (refine.random_walk.walk), upsampled x4 to the image,
+  normalised there and argmax'd against a background plane (random_walk.walk_scores), as IRN's
+  make_sem_seg_labels. They train the segmentation network (train-seg). Runs on the device.
 
 Output: DIR/<id>.png palette PNGs, each written atomically. An image whose PNG exists is skipped,
 so an interrupted run is finished by running it again; the summary still scores every image.
@@ -31,9 +32,10 @@ from ..data.transforms import normalize
 from ..data.voc import IGNORE, SegData, read_image, read_mask, write_palette_png
 from ..engine.common import pick_device, progress
 from ..errors import AmrsegError
+from ..outputs import CONFIG as CAMS_CONFIG, claim_folder, file_identity
 from ..eval.metrics import confusion_matrix, iou_from_confusion
 from .crf import DEFAULT_THRESHOLDS, ir_label
-from .random_walk import propagate, rw_label
+from .random_walk import rw_label, walk, walk_scores
 
 METHODS = ("crf", "irn")
 STRIDE = 4  # IRN's grid
@@ -48,21 +50,32 @@ class PseudoLabelConfig:
     bg_threshold: Optional[float] = None  # crf: DEFAULT_THRESHOLDS[cam method][1]; irn: 0.25
     # crf only
     fg_threshold: Optional[float] = None  # DEFAULT_THRESHOLDS[cam method][0]
-    cam_method: Optional[str] = None  # cam | gradcam | advcam; None = CAMS/cams.json
     crf: bool = True  # False: thresholded CAMs without the dense CRF
+    # both: the CAMs' method picks the default thresholds (crf) and the default cam power (irn)
+    cam_method: Optional[str] = None  # cam | gradcam | advcam; None = CAMS/cams.json
     # irn only
     irn: Optional[str] = None  # the train-irn run directory
-    cam_power: Optional[float] = None  # 1.5 (the AMR release)
+    cam_power: Optional[float] = None  # default_cam_power(cam method): 1.5 with 0.60/0.33, 1 with 0.30/0.05
     radius: Optional[int] = None  # 5
     beta: Optional[float] = None  # 10
     exp_times: Optional[int] = None  # 8: 2^8 walk steps
     device: Optional[str] = None  # auto
+    overwrite: bool = False  # remove OUT's labels first, even when they were made with other settings
 
 
-_CRF_ONLY = {"fg_threshold": "--fg-threshold", "cam_method": "--cam-method"}
+_CRF_ONLY = {"fg_threshold": "--fg-threshold"}
 _IRN_ONLY = {"irn": "--irn", "cam_power": "--cam-power", "radius": "--radius", "beta": "--beta",
              "exp_times": "--exp-times", "device": "--device"}
-_IRN_DEFAULTS = {"cam_power": 1.5, "radius": 5, "beta": 10.0, "exp_times": 8, "device": "auto", "bg_threshold": 0.25}
+_IRN_DEFAULTS = {"radius": 5, "beta": 10.0, "exp_times": 8, "device": "auto", "bg_threshold": 0.25}
+# The power of the CAMs before the walk goes with the IR-label thresholds they were read at: AMR's
+# release raises its AdvCAMs to 1.5 and thresholds them at 0.60/0.33, IRN walks its CAMs as they are
+# (power 1) after thresholds 0.30/0.05.
+_CAM_POWER_OF_THRESHOLDS = {(0.30, 0.05): 1.0, (0.60, 0.33): 1.5}
+
+
+def default_cam_power(cam_method: str) -> float:
+    """The random walk's default CAM power: the one that goes with the method's default IR thresholds."""
+    return _CAM_POWER_OF_THRESHOLDS[DEFAULT_THRESHOLDS[cam_method]]
 
 
 def default_workers() -> int:
@@ -97,6 +110,11 @@ def cam_paths(cams: Path, data: SegData) -> list[Path]:
     return [cams / f"{i}.npz" for i in data.ids]
 
 
+def strided_size(size: tuple[int, int]) -> tuple[int, int]:
+    """The stride-4 grid of an HxW image: ceil(H / 4) x ceil(W / 4) (CONTRACT: the `cam` array)."""
+    return -(-size[0] // STRIDE), -(-size[1] // STRIDE)
+
+
 def _checked_cam(path: Path, size: tuple[int, int], num_classes: int) -> dict[str, np.ndarray]:
     """The arrays of a CAM file, checked against the image, with inactive classes' maps at 0."""
     cam = evidence(load_cam(path))
@@ -106,6 +124,10 @@ def _checked_cam(path: Path, size: tuple[int, int], num_classes: int) -> dict[st
     if tuple(cam["high_res"].shape[1:]) != tuple(size):
         raise AmrsegError(f"{path}: CAMs are {cam['high_res'].shape[2]}x{cam['high_res'].shape[1]} (WxH), "
                           f"the image {size[1]}x{size[0]}")
+    grid = strided_size(size)
+    if "cam" in cam and tuple(cam["cam"].shape[1:]) != grid:
+        raise AmrsegError(f"{path}: the stride-4 'cam' array is {cam['cam'].shape[2]}x{cam['cam'].shape[1]} (WxH), "
+                          f"expected {grid[1]}x{grid[0]} for a {size[1]}x{size[0]} image")
     return cam
 
 
@@ -179,21 +201,24 @@ def ir_labels(data: SegData, cams: list[Path], out: Path, fg: float, bg: float, 
 # --------------------------------------------------------------------------- irn: pseudo masks
 
 
-def strided_cams(high_res: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """[n, H, W] maps -> [n, h, w] on the stride-4 grid (h = ceil(H / 4)): mean of each 4x4 cell.
+def strided_cams(high_res: torch.Tensor) -> torch.Tensor:
+    """Stride-4 CAMs for a CAM file without the `cam` array (an older make-cam): [n, H, W] -> [n, h, w].
 
-    The maps are edge-padded to 4h x 4w first, so cell (y, x) covers image pixels 4y..4y+3 exactly.
+    Resized as IRN resizes its maps to the grid (bilinear, half-pixel centres) to
+    ceil(H / 4) x ceil(W / 4), then each divided by its own max (+1e-5), so that each peaks at
+    about 1 like the `cam` make-cam writes. make-cam's `cam` is made from each scale's map, so this
+    is only close to it.
     """
-    n, height, width = high_res.shape
-    h, w = size
+    n = high_res.shape[0]
+    h, w = strided_size(tuple(high_res.shape[1:]))
     if n == 0:
-        return high_res.new_zeros(0, h, w)
-    x = F.pad(high_res[None].float(), (0, STRIDE * w - width, 0, STRIDE * h - height), mode="replicate")
-    return F.avg_pool2d(x, STRIDE)[0]
+        return high_res.new_zeros(0, h, w, dtype=torch.float32)
+    x = F.interpolate(high_res[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0]
+    return x / (x.amax(dim=(1, 2), keepdim=True) + 1e-5)
 
 
 class _IRNInputs(torch.utils.data.Dataset):
-    """(index, normalised image, keys, high_res, strided cam or None) of the images to label."""
+    """(index, normalised image, keys, stride-4 CAMs, whether they came from high_res) of the images to label."""
 
     def __init__(self, data: SegData, cams: list[Path], index: list[int]):
         self.data, self.cams, self.index = data, cams, index
@@ -205,33 +230,37 @@ class _IRNInputs(torch.utils.data.Dataset):
         i = self.index[j]
         img = self.data.load_image(i)
         cam = _checked_cam(self.cams[i], img.shape[:2], self.data.num_classes)
-        return {"i": i, "image": normalize(img), "keys": cam["keys"],
-                "high_res": cam["high_res"].astype(np.float32),
-                "cam": cam["cam"].astype(np.float32) if "cam" in cam else None}
+        if "cam" in cam:
+            strided, resized = torch.from_numpy(cam["cam"].astype(np.float32)), False
+        else:
+            strided, resized = strided_cams(torch.from_numpy(cam["high_res"].astype(np.float32))), True
+        return {"i": i, "image": normalize(img), "keys": cam["keys"], "cam": strided, "resized": resized}
 
 
-def irn_mask(model, image: torch.Tensor, keys: np.ndarray, high_res: torch.Tensor, cam: Optional[torch.Tensor],
-             radius: int, beta: float, exp_times: int, bg_threshold: float, cam_power: float) -> np.ndarray:
-    """One pseudo mask (HxW uint8 class ids) from an image's CAMs and the IRN's boundary map.
+def irn_mask(model, image: torch.Tensor, keys: np.ndarray, cam: torch.Tensor, crop: int, radius: int, beta: float,
+             exp_times: int, bg_threshold: float, cam_power: float) -> np.ndarray:
+    """One pseudo mask (HxW uint8 class ids) from an image's stride-4 CAMs and the IRN's boundary map.
 
-    The boundary is the mean over the image and its flip (flipped back); the CAMs are taken on the
-    same stride-4 grid (the file's `cam` when it has that size, else `high_res` averaged per cell).
-    The walked maps are upsampled x4 bilinearly and cut to the image, as IRN does, then argmax'd.
+    IRN's make_sem_seg_labels: the boundary of the image and its flip at the IRN's inference canvas
+    (models.irn.infer_boundary), the CAMs walked over its affinities (random_walk.walk), the walked
+    maps upsampled x4, cut to the image and normalised there, a background plane in front, argmax.
+
+    Args:
+        model: The IRN, in eval mode.
+        image: [3, H, W] normalised image.
+        keys: [n] class keys of the CAMs.
+        cam: [n, ceil(H / 4), ceil(W / 4)] CAMs (the file's `cam`, or `strided_cams`).
+        crop: The IRN's training crop (its inference canvas).
     """
+    from ..models.irn import infer_boundary  # the model pulls in the backbone code: only for this method
+
     device = next(model.parameters()).device
     height, width = image.shape[-2:]
-    x = image[None].to(device)
-    both = model.boundary(torch.cat([x, x.flip(-1)]))
-    boundary = (both[0] + both[1].flip(-1)) / 2
-    h, w = boundary.shape
-    if cam is not None and tuple(cam.shape[1:]) == (h, w):
-        maps = cam.to(device).float()
-    else:
-        maps = strided_cams(high_res.to(device), (h, w))
-    walked = propagate(maps, boundary, radius=radius, beta=beta, exp_times=exp_times, bg_threshold=bg_threshold,
-                       cam_power=cam_power)
-    up = F.interpolate(walked[None], size=(STRIDE * h, STRIDE * w), mode="bilinear", align_corners=False)
-    return rw_label(up[0, :, :height, :width], keys)
+    boundary = infer_boundary(model, image.to(device), crop)
+    if tuple(cam.shape[1:]) != tuple(boundary.shape):
+        raise AmrsegError(f"stride-4 CAMs {tuple(cam.shape)} do not match the boundary map {tuple(boundary.shape)}")
+    walked = walk(cam.to(device).float(), boundary, radius=radius, beta=beta, exp_times=exp_times, cam_power=cam_power)
+    return rw_label(walk_scores(walked, (height, width), STRIDE, bg_threshold), keys)
 
 
 def irn_masks(data: SegData, cams: list[Path], out: Path, run: Path, cfg: PseudoLabelConfig, workers: int,
@@ -243,13 +272,13 @@ def irn_masks(data: SegData, cams: list[Path], out: Path, run: Path, cfg: Pseudo
 
     run_kind(run, "irn", "--irn")
     device = pick_device(cfg.device)
-    model, _, _ = load_irn(run, device)
+    model, irn_cfg, _ = load_irn(run, device)
     pending = [i for i, iid in enumerate(data.ids) if not (out / f"{iid}.png").exists()]
     done = set(pending)
     loader = torch.utils.data.DataLoader(_IRNInputs(data, cams, pending), batch_size=None, num_workers=workers)
     c = data.num_classes + 1
     conf = torch.zeros(c, c, dtype=torch.int64)
-    scored = 0
+    scored = resized = 0
 
     def score(i: int, pred: np.ndarray) -> None:
         nonlocal conf, scored
@@ -268,17 +297,26 @@ def irn_masks(data: SegData, cams: list[Path], out: Path, run: Path, cfg: Pseudo
             bar.update(1)
         for item in loader:
             i = item["i"]
-            pred = irn_mask(model, item["image"], item["keys"].numpy(), item["high_res"], item["cam"],
+            resized += bool(item["resized"])
+            pred = irn_mask(model, item["image"], item["keys"].numpy(), item["cam"], irn_cfg.data.crop,
                             cfg.radius, cfg.beta, cfg.exp_times, cfg.bg_threshold, cfg.cam_power)
             write_palette_png(out / f"{data.ids[i]}.png", pred)
             score(i, pred)
             bar.update(1)
     _, miou = iou_from_confusion(conf)
     return {"written": len(pending), "skipped": len(data) - len(pending), "scored_images": scored,
-            "miou": float(miou) if scored and not torch.isnan(miou) else None}
+            "miou": float(miou) if scored and not torch.isnan(miou) else None, "cams_resized": resized}
 
 
 # --------------------------------------------------------------------------- the stage
+
+
+def _claim(out: Path, cams: Path, data: SegData, settings: dict, overwrite: bool) -> None:
+    """Records what makes OUT's labels in OUT/config.yaml; refuses labels of other settings there."""
+    made_by = {k: v for k, v in settings.items() if k not in ("out", "num_images", "device")}
+    made_by.update(data=str(Path(data.root).resolve()), cams=str(Path(cams).resolve()),
+                   cams_config=file_identity(Path(cams) / CAMS_CONFIG))
+    claim_folder(out, made_by, "--out", "*.png", overwrite=overwrite)
 
 
 def make_pseudo_labels(cams: Path, data: SegData, out: Path, cfg: PseudoLabelConfig,
@@ -307,14 +345,16 @@ def make_pseudo_labels(cams: Path, data: SegData, out: Path, cfg: PseudoLabelCon
     out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"method": cfg.method, "out": str(out), "num_images": len(data)}
     warnings: list[str] = []
+    if cfg.cam_method is not None:
+        if cfg.cam_method not in DEFAULT_THRESHOLDS:
+            raise AmrsegError(f"--cam-method {cfg.cam_method!r}: not one of {', '.join(DEFAULT_THRESHOLDS)}")
+        cam_method = cfg.cam_method
+    elif cfg.method == "crf" or cfg.cam_power is None:
+        cam_method, warning = read_cam_method(cams)
+        warnings += [warning] if warning else []
+    else:
+        cam_method = None  # irn with --cam-power: the method decides nothing
     if cfg.method == "crf":
-        if cfg.cam_method is not None:
-            if cfg.cam_method not in DEFAULT_THRESHOLDS:
-                raise AmrsegError(f"--cam-method {cfg.cam_method!r}: not one of {', '.join(DEFAULT_THRESHOLDS)}")
-            cam_method = cfg.cam_method
-        else:
-            cam_method, warning = read_cam_method(cams)
-            warnings += [warning] if warning else []
         fg_default, bg_default = DEFAULT_THRESHOLDS[cam_method]
         fg = fg_default if cfg.fg_threshold is None else cfg.fg_threshold
         bg = bg_default if cfg.bg_threshold is None else cfg.bg_threshold
@@ -323,12 +363,21 @@ def make_pseudo_labels(cams: Path, data: SegData, out: Path, cfg: PseudoLabelCon
         if cfg.crf:
             _check_crf_extra()
         summary.update(cam_method=cam_method, fg_threshold=fg, bg_threshold=bg, crf=cfg.crf)
+        _claim(out, cams, data, summary, cfg.overwrite)
         summary.update(ir_labels(data, paths, out, fg, bg, cfg.crf, workers, show_progress))
     else:
         filled = dataclasses.replace(cfg, **{k: v for k, v in _IRN_DEFAULTS.items() if getattr(cfg, k) is None})
-        if filled.radius < 2 or filled.exp_times < 0 or filled.beta <= 0:
-            raise AmrsegError(f"--radius {filled.radius} / --exp-times {filled.exp_times} / --beta {filled.beta}: "
-                              f"need radius >= 2, exp-times >= 0, beta > 0")
-        summary.update(irn=str(Path(cfg.irn).resolve()), **{k: getattr(filled, k) for k in _IRN_DEFAULTS})
+        if filled.cam_power is None:
+            filled.cam_power = default_cam_power(cam_method)
+        if filled.radius < 2 or filled.exp_times < 0 or filled.beta <= 0 or filled.cam_power <= 0:
+            raise AmrsegError(f"--radius {filled.radius} / --exp-times {filled.exp_times} / --beta {filled.beta} / "
+                              f"--cam-power {filled.cam_power}: need radius >= 2, exp-times >= 0, beta > 0, "
+                              f"cam-power > 0")
+        summary.update(irn=str(Path(cfg.irn).resolve()), cam_method=cam_method, cam_power=filled.cam_power,
+                       **{k: getattr(filled, k) for k in _IRN_DEFAULTS})
+        _claim(out, cams, data, {**summary, "irn_model": file_identity(Path(cfg.irn) / "model.pt")}, cfg.overwrite)
         summary.update(irn_masks(data, paths, out, Path(cfg.irn), filled, workers, show_progress))
+        if summary["cams_resized"]:
+            warnings.append(f"--cams {cams}: {summary['cams_resized']} CAM files have no stride-4 'cam' array "
+                            f"(an older make-cam): their high_res maps were resized to the grid instead")
     return summary, warnings

@@ -1,17 +1,19 @@
 """IRN's random walk: CAMs propagated over boundary-derived affinities into pseudo masks.
 
-The walk works at the CAMs' strided resolution (stride 4 in IRN); the caller upsamples the
-propagated maps to the image before :func:`rw_label` if it wants full-resolution masks.
+The walk works at the CAMs' strided resolution (stride 4 in IRN, :func:`walk`); :func:`walk_scores`
+upsamples the walked maps to the image, normalises them there and puts the background plane in front;
+:func:`rw_label` takes the argmax.
 
 Two forms of the affinity matrix: dense (:func:`sparse_affinity`, :func:`random_walk`), the
 reference the tests check against, and sparse (:func:`affinity_coo`, :func:`random_walk_sparse`),
-which :func:`propagate` uses. A VOC image has N ~ 12k pixels at stride 4: the dense matrix is
+which :func:`walk` uses. A VOC image has N ~ 12k pixels at stride 4: the dense matrix is
 N^2 floats (0.5 GB), the sparse one N (2D + 1) entries (D = 34 offsets at radius 5).
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +23,30 @@ from amrseg.errors import AmrsegError
 from amrseg.refine.affinity import boundary_to_affinity, crop_of, search_offsets
 
 _NORMS = ("global", "per_class")
+
+
+@contextlib.contextmanager
+def one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Torch on one intra-op thread for the block when ``device`` is the CPU; the count is restored.
+
+    The walk's products are small and many (2^8 per image): on a loaded 2-core machine a 94 x 125
+    grid (a VOC image at stride 4) walked in 0.4-0.55 s on one thread and 13-17 s on two. Other
+    work (DataLoader workers, a CRF pool) keeps the other cores busy anyway.
+    """
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _step(trans: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """One walk step of the [N, C] block: ``T x``."""
+    return trans @ x
 
 
 def sparse_affinity(aff: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> torch.Tensor:
@@ -96,7 +122,8 @@ def random_walk_sparse(
 
     Same result as ``random_walk(cams, aff.to_dense(), beta, exp_times)``: with the row-stochastic
     ``T = D^-1 A^beta`` each step is ``x <- T x`` for every map x (a column of the [N, C] block).
-    Squaring T would fill it in, so the walk multiplies the thin block instead.
+    Squaring T would fill it in, so the walk multiplies the thin block instead. On the CPU the
+    products run on one torch thread (:func:`one_cpu_thread`).
 
     Args:
         cams: [C, h, w] maps.
@@ -122,8 +149,9 @@ def random_walk_sparse(
         warnings.simplefilter("ignore", UserWarning)
         trans = trans.to_sparse_csr()
     x = cams.reshape(c, n).to(torch.float32).T.contiguous()  # [N, C]
-    for _ in range(2**exp_times):
-        x = trans @ x
+    with one_cpu_thread(x.device):
+        for _ in range(2**exp_times):
+            x = _step(trans, x)
     return x.T.reshape(c, h, w)
 
 
@@ -191,34 +219,27 @@ def random_walk(
     return x.reshape(c, h, w)
 
 
-def propagate(
+def walk(
     cams: torch.Tensor,
     boundary: torch.Tensor,
     radius: int = 5,
     beta: float = 10.0,
     exp_times: int = 8,
-    bg_threshold: float = 0.25,
     cam_power: float = 1.0,
-    norm: str = "global",
     sparse: bool = True,
 ) -> torch.Tensor:
-    """IRN's pseudo-mask step: class CAMs random-walked over the boundary's affinities.
+    """IRN's random walk of class CAMs over a boundary map's affinities (its ``propagate_to_edge``).
 
-    Exactly, in IRN's order (its ``propagate_to_edge`` + ``make_sem_seg_labels``):
-
-    1. ``x = relu(cams) ** cam_power`` (the AMR release uses 1.5), then ``x *= 1 - boundary``:
+    1. ``x = relu(cams) ** cam_power`` (AMR's release: 1.5, IRN's: 1), then ``x *= 1 - boundary``:
        no activation starts on a boundary.
     2. Affinities from :func:`boundary_to_affinity` over every pixel of the grid (the boundary is
        padded with 1 so border pixels get their in-grid pairs), as a sparse matrix
        (:func:`affinity_coo`), then :func:`random_walk_sparse` of the class planes (``sparse``
-       False: the dense :func:`sparse_affinity` and :func:`random_walk`, the reference).
-    3. Normalisation: ``norm="global"`` divides all planes by their common max (IRN and the
-       AMR release); ``"per_class"`` divides each plane by its own max, so every class reaches
-       1 somewhere. A plane that is all 0 stays 0. (IRN normalises after upsampling the walk
-       x4 to the image; here it happens on the grid, so a max can differ by the interpolation.)
-    4. A constant background plane at ``bg_threshold`` is put in front. It is added *after* the
-       walk and the normalisation: the walk averages, so a constant plane would come out
-       unchanged, and normalising it would lift it to 1.
+       False: the dense :func:`sparse_affinity` and :func:`random_walk`, the reference). On the
+       CPU all of it runs on one torch thread (:func:`one_cpu_thread`).
+
+    The walked maps are returned as they are: IRN normalises them only after upsampling them to the
+    image (:func:`walk_scores`).
 
     Args:
         cams: [n, h, w] CAMs of the image's classes (background not included), >= 0.
@@ -226,27 +247,20 @@ def propagate(
         radius: Affinity radius (IRN: 5).
         beta: Affinity exponent (IRN: 10).
         exp_times: The walk takes ``2 ** exp_times`` steps (IRN: 8).
-        bg_threshold: Value of the background plane (IRN: 0.25).
         cam_power: Exponent applied to the CAMs before the walk.
-        norm: "global" or "per_class" (step 3).
         sparse: Walk on the sparse matrix (default); False builds the dense N x N one.
 
     Returns:
-        [n + 1, h, w] maps, background plane first; their argmax is the pseudo mask
-        (:func:`rw_label`).
+        [n, h, w] walked maps (float32), on ``cams``' device.
     """
-    if norm not in _NORMS:
-        raise AmrsegError(f"unknown random-walk normalisation {norm!r}; choose from {list(_NORMS)}")
     if cams.dim() != 3 or boundary.shape != cams.shape[1:]:
         raise AmrsegError(
             f"CAMs {tuple(cams.shape)} and boundary {tuple(boundary.shape)} do not match"
         )
     n, h, w = cams.shape
-    boundary = boundary.to(device=cams.device, dtype=torch.float32)
-    background = torch.full((1, h, w), float(bg_threshold), device=cams.device)
     if n == 0:
-        return background
-
+        return cams.new_zeros((0, h, w), dtype=torch.float32)
+    boundary = boundary.to(device=cams.device, dtype=torch.float32)
     x = cams.to(torch.float32).clamp(min=0) ** cam_power
     x = x * (1.0 - boundary)
 
@@ -256,25 +270,69 @@ def propagate(
     # pairs reaching into the padding are dropped by sparse_affinity.
     pad = (crop.max_dx_neg, crop.max_dx_pos, 0, crop.max_dy)
     padded = F.pad(boundary[None, None], pad, value=1.0)
-    aff = boundary_to_affinity(padded[:, 0], radius)[0]
-    if sparse:
-        rw = random_walk_sparse(x, affinity_coo(aff, offsets), beta=beta, exp_times=exp_times)
-    else:
-        rw = random_walk(x, sparse_affinity(aff, offsets), beta=beta, exp_times=exp_times)
+    with one_cpu_thread(x.device):
+        aff = boundary_to_affinity(padded[:, 0], radius)[0]
+        if sparse:
+            return random_walk_sparse(x, affinity_coo(aff, offsets), beta=beta, exp_times=exp_times)
+        return random_walk(x, sparse_affinity(aff, offsets), beta=beta, exp_times=exp_times)
 
+
+def walk_scores(
+    walked: torch.Tensor,
+    size: tuple[int, int],
+    stride: int = 4,
+    bg_threshold: float = 0.25,
+    norm: str = "global",
+) -> torch.Tensor:
+    """The walked maps as class scores on the image, in IRN's order (its ``make_sem_seg_labels``).
+
+    1. Upsampled ``stride`` times bilinearly (half-pixel centres), then cut to the image's
+       ``size``: grid cell i covers pixels ``stride * i .. stride * i + stride - 1``.
+    2. Normalised *there*, on the image's pixels: ``norm="global"`` divides all planes by their
+       common max (IRN and the AMR release); ``"per_class"`` divides each plane by its own max. A
+       plane that is all 0 stays 0.
+    3. A constant background plane at ``bg_threshold`` put in front (after the normalisation,
+       which would otherwise lift it).
+
+    Args:
+        walked: [n, h, w] walked maps (:func:`walk`).
+        size: (H, W) of the image, at most (stride * h, stride * w).
+        stride: The grid's stride (IRN: 4).
+        bg_threshold: Value of the background plane (IRN: 0.25).
+        norm: "global" or "per_class" (step 2).
+
+    Returns:
+        [n + 1, H, W] scores, background plane first; their argmax is the pseudo mask
+        (:func:`rw_label`).
+    """
+    if norm not in _NORMS:
+        raise AmrsegError(f"unknown random-walk normalisation {norm!r}; choose from {list(_NORMS)}")
+    if walked.dim() != 3:
+        raise AmrsegError(f"walked maps must be [n, h, w], got {tuple(walked.shape)}")
+    n, h, w = walked.shape
+    height, width = size
+    if not (0 < height <= stride * h and 0 < width <= stride * w):
+        raise AmrsegError(f"image size {height}x{width} does not fit a {h}x{w} grid at stride {stride}")
+    background = torch.full((1, height, width), float(bg_threshold), device=walked.device)
+    if n == 0:
+        return background
+    up = walked.to(torch.float32)[None]
+    if stride != 1:
+        up = F.interpolate(up, size=(stride * h, stride * w), mode="bilinear", align_corners=False)
+    up = up[0, :, :height, :width]
     if norm == "global":
-        peak = rw.max()
+        peak = up.max()
     else:
-        peak = rw.flatten(1).max(dim=1).values.view(n, 1, 1)
-    rw = rw / torch.as_tensor(peak).clamp(min=1e-5)
-    return torch.cat([background, rw], dim=0)
+        peak = up.flatten(1).max(dim=1).values.view(n, 1, 1)
+    up = up / torch.as_tensor(peak).clamp(min=1e-5)
+    return torch.cat([background, up], dim=0)
 
 
 def rw_label(maps: torch.Tensor | np.ndarray, keys: np.ndarray) -> np.ndarray:
     """Pseudo mask from propagated maps: argmax mapped to class ids.
 
     Args:
-        maps: [n + 1, H, W] maps, background plane first (:func:`propagate`, possibly upsampled).
+        maps: [n + 1, H, W] maps, background plane first (:func:`walk_scores`).
         keys: [n] 0-based foreground class indices of the planes after the first.
 
     Returns:
