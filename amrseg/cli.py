@@ -365,6 +365,28 @@ SET_HELP = "override any config field by dotted name (repeatable; default: none;
 DEVICE_HELP = "auto: a CUDA GPU when there is one, else the CPU; cuda: a CUDA GPU or an error (default auto)"
 
 
+def _add_training_flags(s, d, backbone: str, pretrained: str, crop: str, lr: str, set_example: str) -> None:
+    """The flags train-cam, train-irn and train-seg share (--out ... --set); `d` is the command's default
+    config, whose values the help shows (a flag not given leaves the config's value)."""
+    s.add_argument("--out", required=True, help="run directory")
+    s.add_argument("--backbone", choices=["resnet18", "resnet34", "resnet50", "resnet101"],
+                   help=f"{backbone} (default {d.model.backbone})")
+    s.add_argument("--base-width", type=int, help=f"channels of the ResNet stem; 64 = the standard nets, "
+                   f"less for CPU runs (default {d.model.base_width})")
+    s.add_argument("--pretrained", help=pretrained)
+    s.add_argument("--epochs", type=int, help=f"training epochs (default {d.train.epochs})")
+    s.add_argument("--batch-size", type=int, help=f"images per step, over all processes "
+                   f"(default {d.train.batch_size})")
+    s.add_argument("--crop", type=int, help=f"{crop} (default {d.data.crop})")
+    s.add_argument("--lr", type=float, help=f"{lr} (default {d.train.lr:g})")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], help=DEVICE_HELP)
+    s.add_argument("--seed", type=int, help=f"seed of the initial weights, sample order and "
+                   f"augmentation (default {d.train.seed})")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint "
+                   "(without it, a folder that holds a run is refused)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP + set_example)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .config import PRESETS, Config, IRNConfig, SegConfig
@@ -443,30 +465,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "amr-block: AMMs in every block (the release's placement, the best in the README's "
                         "quality table); amr-official: the authors' release; amr-gtm: amr + threshold modulation "
                         "and area regulariser (README 'The presets')")
-    s.add_argument("--out", required=True, help="run directory")
-    s.add_argument("--backbone", choices=["resnet18", "resnet34", "resnet50", "resnet101"],
-                   help=f"ResNet depth of both branches (default {run_defaults['train-cam'].model.backbone})")
-    s.add_argument("--base-width", type=int, help=f"channels of the ResNet stem; 64 = the standard nets, "
-                   f"less for CPU runs (default {run_defaults['train-cam'].model.base_width})")
-    s.add_argument("--pretrained", help="backbone weights: PATH (torch.save state dict) | URL | imagenet | none "
-                   "(default imagenet)")
-    s.add_argument("--epochs", type=int, help=f"training epochs (default {run_defaults['train-cam'].train.epochs})")
-    s.add_argument("--batch-size", type=int, help=f"images per step, over all processes "
-                   f"(default {run_defaults['train-cam'].train.batch_size})")
-    s.add_argument("--crop", type=int, help=f"side of the square training crop in pixels "
-                   f"(default {run_defaults['train-cam'].data.crop})")
-    s.add_argument("--lr", type=float, help=f"learning rate of the pretrained backbone; new layers "
-                   f"get it x train.new_lr_mult (default {run_defaults['train-cam'].train.lr:g})")
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"], help=DEVICE_HELP)
-    s.add_argument("--seed", type=int, help=f"seed of the initial weights, sample order and "
-                   f"augmentation (default {run_defaults['train-cam'].train.seed})")
-    s.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint "
-                   "(without it, a folder that holds a run is refused)")
+    _add_training_flags(s, run_defaults["train-cam"], "ResNet depth of both branches",
+                        "backbone weights: PATH (torch.save state dict) | URL | imagenet | none (default imagenet)",
+                        "side of the square training crop in pixels",
+                        "learning rate of the pretrained backbone; new layers get it x train.new_lr_mult",
+                        "e.g. --set amm.threshold=0.1")
     s.add_argument("--init-spotlight", help="RUN dir or model.pt of a trained `cam` run (amr-official; "
                                             "the release trains that run with cutout: train it with "
                                             "--set data.cutout=true). Default: none")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help=SET_HELP + "e.g. --set amm.threshold=0.1")
     s.set_defaults(func=cmd_train_cam)
 
     s = sub.add_parser("make-cam", help="compute CAMs of a trained run for a split")
@@ -522,27 +528,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help=DATA_HELP)
     s.add_argument("--labels", required=True, help="folder of pseudo-mask PNGs (<id>.png)")
     s.add_argument("--split", required=True, help=TRAIN_SPLIT_HELP)
-    s.add_argument("--out", required=True, help="run directory")
-    s.add_argument("--backbone", choices=["resnet18", "resnet34", "resnet50", "resnet101"],
-                   help="default resnet101")
-    s.add_argument("--base-width", type=int, help=f"channels of the ResNet stem; 64 = the standard nets, "
-                   f"less for CPU runs (default {run_defaults['train-seg'].model.base_width})")
-    s.add_argument("--pretrained", help="backbone weights: PATH (torch.save state dict) | URL | imagenet | none "
-                   "(default imagenet)")
-    s.add_argument("--epochs", type=int, help=f"training epochs (default {run_defaults['train-seg'].train.epochs})")
-    s.add_argument("--batch-size", type=int, help=f"images per step, over all processes "
-                   f"(default {run_defaults['train-seg'].train.batch_size})")
-    s.add_argument("--crop", type=int, help=f"side of the square training crop in pixels "
-                   f"(default {run_defaults['train-seg'].data.crop})")
-    s.add_argument("--lr", type=float, help=f"learning rate of the pretrained backbone; new layers "
-                   f"get it x train.new_lr_mult (default {run_defaults['train-seg'].train.lr:g})")
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"], help=DEVICE_HELP)
-    s.add_argument("--seed", type=int, help=f"seed of the initial weights, sample order and "
-                   f"augmentation (default {run_defaults['train-seg'].train.seed})")
-    s.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint "
-                   "(without it, a folder that holds a run is refused)")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help=SET_HELP + "e.g. --set model.output_stride=16")
+    _add_training_flags(s, run_defaults["train-seg"], "ResNet depth of DeepLab-v2",
+                        "backbone weights: PATH (torch.save state dict) | URL | imagenet | none (default imagenet)",
+                        "side of the square training crop in pixels",
+                        "learning rate of the pretrained backbone; new layers get it x train.new_lr_mult",
+                        "e.g. --set model.output_stride=16")
     s.set_defaults(func=cmd_train_seg)
 
     s = sub.add_parser("eval-seg", help="score segmentation masks (a folder, or a train-seg run) against the masks")
@@ -576,26 +566,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ir-labels", required=True, help="folder of IR label PNGs (pseudo-labels --method crf)")
     s.add_argument("--data", required=True, help=DATA_HELP)
     s.add_argument("--split", required=True, help=TRAIN_SPLIT_HELP)
-    s.add_argument("--out", required=True, help="run directory")
-    s.add_argument("--backbone", choices=["resnet18", "resnet34", "resnet50", "resnet101"],
-                   help="default resnet50")
-    s.add_argument("--base-width", type=int, help=f"channels of the ResNet stem; 64 = the standard nets, "
-                   f"less for CPU runs (default {run_defaults['train-irn'].model.base_width})")
-    s.add_argument("--pretrained", help="PATH | URL | imagenet | none | a train-cam RUN (its spotlight backbone); "
-                                        "default imagenet")
-    s.add_argument("--epochs", type=int, help=f"training epochs (default {run_defaults['train-irn'].train.epochs})")
-    s.add_argument("--batch-size", type=int, help=f"images per step, over all processes "
-                   f"(default {run_defaults['train-irn'].train.batch_size})")
-    s.add_argument("--crop", type=int, help=f"side of the training crop, a multiple of 4 "
-                   f"(default {run_defaults['train-irn'].data.crop})")
-    s.add_argument("--lr", type=float, help="boundary branch (default 0.1); displacement x train.new_lr_mult")
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"], help=DEVICE_HELP)
-    s.add_argument("--seed", type=int, help=f"seed of the initial weights, sample order and "
-                   f"augmentation (default {run_defaults['train-irn'].train.seed})")
-    s.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint "
-                   "(without it, a folder that holds a run is refused)")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help=SET_HELP + "e.g. --set model.radius=10")
+    _add_training_flags(s, run_defaults["train-irn"], "ResNet depth of the frozen backbone",
+                        "PATH | URL | imagenet | none | a train-cam RUN (its spotlight backbone); default imagenet",
+                        "side of the training crop, a multiple of 4",
+                        "boundary branch; displacement x train.new_lr_mult", "e.g. --set model.radius=10")
     s.set_defaults(func=cmd_train_irn)
 
     s = sub.add_parser("pseudo-labels", help="IR labels (crf) or IRN pseudo masks (irn) from CAMs")
