@@ -32,6 +32,13 @@ from amrseg.models.amr import AMRNet  # noqa: E402
 from amrseg.models.losses import amr_loss  # noqa: E402
 
 K = 10
+_CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = _CLOCKS["wall"]
+
+
+def now() -> float:
+    """Seconds on the clock chosen by --clock."""
+    return _clock()
 
 
 def small_cfg(preset: str, width: int):
@@ -42,10 +49,10 @@ def small_cfg(preset: str, width: int):
 
 def timeit(fn, repeat: int) -> float:
     fn()  # warm-up
-    t0 = time.perf_counter()
+    t0 = now()
     for _ in range(repeat):
         fn()
-    return (time.perf_counter() - t0) / repeat
+    return (now() - t0) / repeat
 
 
 def train_throughput(preset, width, size, batch, device, amp=False, steps=5) -> float:
@@ -80,8 +87,13 @@ def main() -> None:
     p.add_argument("--width", type=int, default=32, help="ResNet-18 base width (default 32)")
     p.add_argument("--parts", default=",".join(PARTS),
                    help=f"comma-separated parts to run, of {', '.join(PARTS)} (default all)")
+    p.add_argument("--clock", default="wall", choices=list(_CLOCKS),
+                   help="wall: elapsed time; cpu: this process's CPU time, which other load on the machine "
+                        "barely moves (with OMP_NUM_THREADS=1 it reads as single-core time) (default wall)")
     p.add_argument("--out", default="bench/out/speed.md", help="markdown table to write (default bench/out/speed.md)")
     a = p.parse_args()
+    global _clock
+    _clock = _CLOCKS[a.clock]
     parts = a.parts.split(",")
     if any(x not in PARTS for x in parts):
         p.error(f"--parts {a.parts}: expected names from {', '.join(PARTS)}")
@@ -110,14 +122,14 @@ def main() -> None:
     scales = [1.0, 0.5, 1.5, 2.0]
     for method in ("cam", "gradcam") if "make-cam" in parts else ():
         icfg = InferConfig(method=method, scales=scales, batch_size=16)
-        t0 = time.perf_counter()
+        t0 = now()
         batched = []
         for s in range(0, a.images, icfg.batch_size):
             batched += cams_for_images(model, images[s:s + icfg.batch_size], [k.clone() for k in keys[s:s + 16]], icfg)
-        t_batched = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        t_batched = now() - t0
+        t0 = now()
         ref = [release_cams(model, images[i], keys[i].tolist(), scales, 0.5, method) for i in range(a.images)]
-        t_ref = time.perf_counter() - t0
+        t_ref = now() - t0
         err = max(map_diff(b[1], r) for b, r in zip(batched, ref))
         rows.append((f"make-cam {method}", f"{a.images} images {a.size}px, scales {scales} + flip, amr",
                      f"{a.images / t_batched:.1f} img/s batched vs {a.images / t_ref:.1f} img/s release loop",
@@ -138,13 +150,13 @@ def main() -> None:
         # two scales (the release loop is slow)
         icfg = InferConfig(method="advcam", scales=[1.0, 0.5], adv_steps=8)
         few = multi[:1]
-        t0 = time.perf_counter()
+        t0 = now()
         ours = [cams_for_images(model, [images[i]], [keys[i].clone()], icfg)[0] for i in few]
-        t_ours = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        t_ours = now() - t0
+        t0 = now()
         ref = [release_cams(model, images[i], keys[i].tolist(), icfg.scales, 0.5, "advcam", steps=icfg.adv_steps)
                for i in few]
-        t_ref = time.perf_counter() - t0
+        t_ref = now() - t0
         err = max(map_diff(o[1], r) for o, r in zip(ours, ref))
         rows.append(("make-cam advcam", f"{len(few)} image, scales {icfg.scales} + flip, {icfg.adv_steps} steps, "
                      "amr, float64", f"{len(few) / t_ours:.2f} img/s vs {len(few) / t_ref:.2f} img/s release loop",
@@ -155,7 +167,8 @@ def main() -> None:
     if "eval-cam" in parts:
         rows.append(eval_cam_row(a.size))
 
-    lines = [f"Speed, measured {time.strftime('%Y-%m-%d')} on {_machine()}", "",
+    lines = [f"Speed, measured {time.strftime('%Y-%m-%d')} on {_machine()}, {a.clock} clock, "
+             f"{torch.get_num_threads()} torch threads", "",
              "| what | setting | figure | vs baseline |", "|---|---|---|---|"]
     lines += [f"| {a_} | {b} | {c} | {d} |" for a_, b, c, d in rows]
     text = "\n".join(lines)
@@ -173,12 +186,12 @@ def eval_cam_row(size: int) -> tuple:
         root = Path(tmp)
         data = _fake_data(root, rng, n=200, size=size)
         thresholds = [round(0.05 * i, 2) for i in range(1, 20)]
-        t0 = time.perf_counter()
+        t0 = now()
         sweep = evaluate_cams(root / "cams", data, thresholds)
-        t_sweep = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        t_sweep = now() - t0
+        t0 = now()
         single = [evaluate_cams(root / "cams", data, [t])["miou"] for t in thresholds]
-        t_single = time.perf_counter() - t0
+        t_single = now() - t0
         agree = max(abs(m - s) for (_, m), s in zip(sweep["sweep"], single))
     return ("eval-cam", f"200 images {size}px, 19 thresholds",
             f"{t_sweep:.2f} s one pass vs {t_single:.2f} s in 19 passes",
@@ -214,18 +227,18 @@ def advcam_batched_vs_per_class(model, images, keys, index, icfg) -> tuple[float
     for i in index:
         x = scale_pyramid(images[i], [1.0])[0].to(dtype)
         pairs[i] = torch.stack([x, x.flip(-1)])[None]
-    t0 = time.perf_counter()
+    t0 = now()
     batched = [_advcam_maps(model, pairs[i].expand(len(keys[i]), -1, -1, -1, -1), keys[i], icfg.adv_steps, icfg)
                for i in index]
-    t_b = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t_b = now() - t0
+    t0 = now()
     err = 0.0
     for i, bm in zip(index, batched):
         for j, c in enumerate(keys[i].tolist()):
             one = _advcam_maps(model, pairs[i], torch.tensor([c]), icfg.adv_steps, icfg)
             for name in one:
                 err = max(err, (one[name][0] - bm[name][j]).abs().max().item())
-    return t_b, time.perf_counter() - t0, err
+    return t_b, now() - t0, err
 
 
 class _FakeData:
