@@ -37,7 +37,7 @@ from ..fileio import save_image, write_text
 from .emoji_art import VENDORS, Emoji, check_art
 from .fashion import border_band
 from .transforms import normalize
-from .voc import IGNORE, VOC_CLASSES, read_mask, write_palette_png
+from .voc import IGNORE, VOC_CLASSES, classes_present, read_mask, write_label_index, write_palette_png
 
 SPEC_PATH = Path(__file__).parent / "emoji_voc" / "classes.json"
 
@@ -569,8 +569,7 @@ def build_emoji_scenes(out: Union[str, Path], art: Union[str, Path, None] = None
                 "context_prob": context_prob}
     if not _settings_match(out / "scenes.json", settings):
         write_text(out / "scenes.json", json.dumps(settings) + "\n")
-    k = len(spec.class_names)
-    rows, rendered, t0 = [], 0, time.perf_counter()
+    present, rendered, t0 = {}, 0, time.perf_counter()
     for split_code, (split, n) in enumerate((("train", n_train), ("val", n_val))):
         ids = []
         for i in range(n):
@@ -586,22 +585,18 @@ def build_emoji_scenes(out: Union[str, Path], art: Union[str, Path, None] = None
                 save_image(Image.fromarray(parts, mode="L"), paths[2], format="PNG")
                 write_palette_png(paths[1], mask)  # last: its presence marks the image finished
                 rendered += 1
-            present = np.bincount(mask.ravel(), minlength=256)[1:k + 1] > 0
-            rows.append(f"{image_id}," + ",".join("1" if p else "0" for p in present))
+            present[image_id] = classes_present(mask, len(spec.class_names))
             ids.append(image_id)
             if progress is not None:
                 progress(1)
         write_text(out / "ImageSets" / "Segmentation" / f"{split}.txt", "\n".join(ids) + "\n")
     seconds = time.perf_counter() - t0
-    names = ["background", *spec.class_names]
-    write_text(out / "classes.txt", "\n".join(names) + "\n")
-    write_text(out / "cls_labels.csv", "\n".join([",".join(["image_id", *spec.class_names]), *rows]) + "\n")
-    counts = np.array([[int(v) for v in r.split(",")[1:]] for r in rows]).sum(axis=0)
+    per_class = write_label_index(out, spec.class_names, present)
     return {
         "root": str(out),
         "num_images": {"train": n_train, "val": n_val},
-        "class_names": names,
-        "images_per_class": {name: int(c) for name, c in zip(spec.class_names, counts)},
+        "class_names": ["background", *spec.class_names],
+        "images_per_class": per_class,
         "rendered": rendered,
         "seconds": round(seconds, 1),
         "images_per_s": round(rendered / max(seconds, 1e-9), 1),

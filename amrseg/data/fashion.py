@@ -21,7 +21,7 @@ from PIL import Image
 from ..errors import AmrsegError
 from .transforms import normalize
 from ..fileio import save_image, write_text
-from .voc import IGNORE, write_palette_png
+from .voc import IGNORE, classes_present, write_label_index, write_palette_png
 
 FMNIST_CLASSES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                   "ankle_boot")
@@ -304,8 +304,7 @@ def build_scenes(out: Union[str, Path], fmnist: Union[str, Path, None] = None, n
     out = Path(out)
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    k = len(FMNIST_CLASSES)
-    rows = []
+    present = {}
     for split_code, (split, part, n) in enumerate((("train", "train", n_train), ("val", "t10k", n_val))):
         images, labels = load_fmnist(folder, part)
         if len(images) == 0:
@@ -318,21 +317,17 @@ def build_scenes(out: Union[str, Path], fmnist: Union[str, Path, None] = None, n
             image_id = f"{split}_{i:06d}"
             save_image(Image.fromarray(image), out / "JPEGImages" / f"{image_id}.jpg", quality=95)
             write_palette_png(out / "SegmentationClass" / f"{image_id}.png", mask)
-            present = np.bincount(mask.ravel(), minlength=256)[1:k + 1] > 0
-            rows.append(f"{image_id}," + ",".join("1" if p else "0" for p in present))
+            present[image_id] = classes_present(mask, len(FMNIST_CLASSES))
             ids.append(image_id)
             if progress is not None:
                 progress(1)
         write_text(out / "ImageSets" / "Segmentation" / f"{split}.txt", "\n".join(ids) + "\n")
-    names = ["background", *FMNIST_CLASSES]
-    write_text(out / "classes.txt", "\n".join(names) + "\n")
-    write_text(out / "cls_labels.csv", "\n".join([",".join(["image_id", *FMNIST_CLASSES]), *rows]) + "\n")
-    counts = np.array([[int(v) for v in r.split(",")[1:]] for r in rows]).sum(axis=0)
+    per_class = write_label_index(out, FMNIST_CLASSES, present)
     return {
         "root": str(out),
         "num_images": {"train": n_train, "val": n_val},
-        "class_names": names,
-        "images_per_class": {name: int(c) for name, c in zip(FMNIST_CLASSES, counts)},
+        "class_names": ["background", *FMNIST_CLASSES],
+        "images_per_class": per_class,
     }
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import AmrsegError
-from ..fileio import save_image
+from ..fileio import save_image, write_text
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -54,6 +54,25 @@ VOC_PALETTE = _voc_palette()  # [256, 3] uint8, read-only
 
 
 # --------------------------------------------------------------------------- file helpers
+
+
+def classes_present(mask: np.ndarray, num_classes: int) -> np.ndarray:
+    """bool [K]: which of the foreground classes 1..K occur in the mask (255 and 0 ignored)."""
+    return np.bincount(mask.ravel(), minlength=256)[1:num_classes + 1] > 0
+
+
+def write_label_index(out: Union[str, Path], class_names: Sequence[str], present: dict[str, np.ndarray]
+                      ) -> dict[str, int]:
+    """classes.txt and cls_labels.csv of a generated dataset; returns the images per class.
+
+    class_names: the K foreground classes; present: {image id: `classes_present` of its mask}, in
+    list order.
+    """
+    rows = [f"{iid}," + ",".join("1" if p else "0" for p in row) for iid, row in present.items()]
+    write_text(Path(out) / "classes.txt", "\n".join(["background", *class_names]) + "\n")
+    write_text(Path(out) / "cls_labels.csv", "\n".join([",".join(["image_id", *class_names]), *rows]) + "\n")
+    counts = np.sum(list(present.values()), axis=0) if present else np.zeros(len(class_names), int)
+    return {name: int(c) for name, c in zip(class_names, counts)}
 
 
 def write_palette_png(path: Union[str, Path], mask: np.ndarray) -> None:
