@@ -52,7 +52,7 @@ def _only_for(a, source: str, flags: dict) -> None:
 
 
 def cmd_build_scenes(a) -> int:
-    from .engine.common import progress
+    from .runtime import progress
 
     check_writable_dir(a.out, "OUT")
     for key, value in SCENE_DEFAULTS[a.source].items():
@@ -109,7 +109,7 @@ def _train_flags(a, sections: dict) -> dict:
 
 def _check_weights(path: str, flag: str) -> None:
     """A file given as weights must be one torch.save wrote (a folder is a run: checked later)."""
-    from .engine.common import check_weights_file
+    from .fileio import check_weights_file
 
     if Path(path).is_file():
         check_weights_file(Path(path), flag)
@@ -151,7 +151,7 @@ def cmd_make_cam(a) -> int:
 
 def cmd_eval_cam(a) -> int:
     from .data.voc import open_dataset
-    from .engine.common import pick_device
+    from .runtime import pick_device
     from .eval.eval_cam import evaluate_cams, parse_range
     from .fileio import write_text
 

@@ -11,13 +11,15 @@ and a write that fails (full disk, read-only folder) is one `AmrsegError` naming
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
+import shutil
 import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from PIL import Image
 
@@ -226,3 +228,74 @@ def check_writable_file(path: Union[str, Path], flag: str) -> Path:
     if problem:
         raise AmrsegError(f"{flag} {path}: its folder {path.parent}: {problem}")
     return path
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of all tensors in a nested dict/list (what torch.save will write, give or take)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """torch.save through atomic_write; a full disk is one AmrsegError naming `path`."""
+    import torch
+
+
+    def write(tmp: str) -> None:
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:
+            # torch's zip writer reports a failed write as "unexpected pos ..." without the OS error.
+            if shutil.disk_usage(os.path.dirname(tmp)).free < tensor_bytes(obj) + (1 << 20):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
+            raise OSError(errno.EIO, f"torch.save failed: {str(e).splitlines()[0][:160]}") from None
+
+    atomic_write(path, write)
+
+
+# torch.save writes a zip archive (PyTorch >= 1.6) or, in the legacy format, a pickle stream.
+_WEIGHTS_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _weights_problem(path: Path) -> Optional[str]:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        return f"cannot read ({e.strerror})"
+    if not head.startswith(_WEIGHTS_MAGIC):
+        return "not a PyTorch weights file (expected a file written by torch.save)"
+    return None
+
+
+def check_weights_file(path: Path, flag: str) -> None:
+    """One line unless `path` starts like a file written by torch.save (a text file, an image...)."""
+    problem = _weights_problem(Path(path))
+    if problem:
+        raise AmrsegError(f"{flag} {path}: {problem}")
+
+
+def load_torch(path: Path, what: str) -> dict:
+    """torch.load with weights_only=True; any failure is a one-line error naming the file."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise AmrsegError(f"{path}: {what} not found")
+    problem = _weights_problem(path)
+    if problem:
+        raise AmrsegError(f"{path}: {what}: {problem}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle with code, wrong format...
+        raise AmrsegError(f"{path}: cannot load {what} ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if not isinstance(obj, dict):
+        raise AmrsegError(f"{path}: {what} is not a dict")
+    return obj

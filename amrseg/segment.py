@@ -20,7 +20,8 @@ from PIL import Image
 from .config import SegConfig, load_run_config, merge, run_kind
 from .data.transforms import normalize
 from .data.voc import IMAGE_SUFFIXES, SegData, list_images, read_mask, write_palette_png
-from .engine.common import load_torch, pick_device, progress
+from .fileio import load_torch
+from .runtime import pick_device, progress
 from .errors import AmrsegError
 from .outputs import claim_folder, file_identity
 from .eval.eval_cam import nan_to_none

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .cam.io import load_cam
 from .data.voc import VOC_PALETTE
-from .engine.common import progress as progress_bar
+from .runtime import progress as progress_bar
 from .fileio import atomic_write, save_image
 from .errors import AmrsegError
 from .eval.metrics import confusion_matrix, iou_from_confusion

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from amrseg.cam.infer import InferConfig, _branch_maps, _fill_keys, load_run  # noqa: E402
 from amrseg.data.transforms import normalize  # noqa: E402
 from amrseg.data.voc import open_dataset  # noqa: E402
-from amrseg.engine.common import pick_device  # noqa: E402
+from amrseg.runtime import pick_device  # noqa: E402
 from amrseg.segment import evaluate_masks, load_seg_run, predict_probs  # noqa: E402
 
 

@@ -26,7 +26,7 @@ from amrseg.cam.infer import InferConfig, _advcam_maps, cams_for_images, scale_p
 from amrseg.cam.io import save_cam  # noqa: E402
 from amrseg.cam.reference import release_cams  # noqa: E402
 from amrseg.config import load_preset, merge  # noqa: E402
-from amrseg.engine.common import autocast  # noqa: E402
+from amrseg.runtime import autocast  # noqa: E402
 from amrseg.eval.eval_cam import evaluate_cams  # noqa: E402
 from amrseg.models.amr import AMRNet  # noqa: E402
 from amrseg.models.losses import amr_loss  # noqa: E402

@@ -87,16 +87,16 @@ def test_torch_save_on_a_full_disk_says_so(tmp_path, monkeypatch):
     import collections
     import shutil
 
-    from amrseg.engine import common
+    from amrseg import fileio
 
     def failing_save(obj, f):  # what torch's zip writer raises when a write fails
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
 
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(common.torch, "save", failing_save)
+    monkeypatch.setattr(torch, "save", failing_save)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(100, 100, 0))
     with pytest.raises(AmrsegError, match=r"checkpoint.pt: cannot write \(No space left on device\)$"):
-        common.atomic_torch_save({"w": torch.zeros(10)}, tmp_path / "checkpoint.pt")
+        fileio.atomic_torch_save({"w": torch.zeros(10)}, tmp_path / "checkpoint.pt")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -117,7 +117,7 @@ def tiny_disk(tmp_path):
 def test_real_full_disk(tiny_disk):
     with pytest.raises(AmrsegError, match=r"big.txt: cannot write \(No space left on device\)$"):
         write_text(tiny_disk / "big.txt", "x" * 200_000)
-    from amrseg.engine.common import atomic_torch_save
+    from amrseg.fileio import atomic_torch_save
 
     with pytest.raises(AmrsegError, match=r"w.pt: cannot write \(No space left on device\)$"):
         atomic_torch_save({"w": torch.zeros(100_000)}, tiny_disk / "w.pt")

@@ -39,7 +39,8 @@ from PIL import Image
 from ..config import Config, merge
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..data.voc import SegData, image_size, list_images, open_dataset
-from ..engine.common import init_distributed, load_torch, pick_device, progress
+from ..fileio import load_torch
+from ..runtime import init_distributed, pick_device, progress
 from ..errors import AmrsegError
 from ..fileio import write_text
 from ..models.amr import AMRNet

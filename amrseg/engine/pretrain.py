@@ -25,7 +25,9 @@ from ..data.emoji_scenes import EmojiItemDataset, SpriteCache, resolve_spec
 from ..data.fashion import ItemDataset, find_fmnist, load_fmnist
 from ..errors import AmrsegError
 from ..models.resnet import BasicBlock, Bottleneck, build_resnet
-from .common import atomic_torch_save, pick_device, poly_lr, progress, seed_everything
+from ..fileio import atomic_torch_save
+from ..runtime import pick_device, progress, seed_everything
+from .trainer import poly_lr
 
 
 @dataclass

@@ -13,7 +13,7 @@ from ..errors import AmrsegError
 from ..eval.classification import mean_average_precision
 from ..models.amr import build_model
 from ..models.losses import amr_loss
-from .common import init_distributed, pick_device, seed_everything
+from ..runtime import init_distributed, pick_device, seed_everything
 from .trainer import Job, fit, prepare_run
 
 LOSS_KEYS = ["cls", "cls_s", "cls_c", "cps", "area"]

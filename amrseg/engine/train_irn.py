@@ -8,7 +8,7 @@ from ..config import IRNConfig
 from ..data.transforms import LabelTrainDataset
 from ..data.voc import open_dataset
 from ..models.irn import build_irn, irn_loss
-from .common import init_distributed, pick_device, seed_everything
+from ..runtime import init_distributed, pick_device, seed_everything
 from .trainer import Job, fit, prepare_run
 
 LOSS_KEYS = ["pos_bg", "pos_fg", "neg", "dp_fg", "dp_bg"]

@@ -8,7 +8,7 @@ from ..config import SegConfig
 from ..data.transforms import LabelTrainDataset
 from ..data.voc import open_dataset
 from ..models.deeplab import build_deeplab, segmentation_loss
-from .common import init_distributed, pick_device, seed_everything
+from ..runtime import init_distributed, pick_device, seed_everything
 from .trainer import Job, fit, prepare_run
 
 

@@ -32,9 +32,8 @@ import yaml
 
 from ..config import TrainConfig, flatten, load_run_config, merge, to_dict
 from ..errors import AmrsegError
-from ..fileio import atomic_write, check_writable_dir, write_text
-from .common import (DistInfo, atomic_torch_save, autocast, autocast_dtype, init_distributed, load_torch,
-                     pick_device, poly_lr, progress, tensor_bytes)
+from ..fileio import atomic_torch_save, atomic_write, check_writable_dir, load_torch, tensor_bytes, write_text
+from ..runtime import DistInfo, autocast, autocast_dtype, init_distributed, pick_device, progress
 
 # Keys that may differ between a run and its resumption: they do not change the weights.
 _RESUME_FREE = {"train.num_workers", "train.device", "train.log_every", "train.checkpoint_every",
@@ -431,3 +430,8 @@ def fit(job: Job, cfg: Any, out: Path, resume: bool = False, show_progress: Opti
         bar.close()
         if log is not None:
             log.close()
+
+
+def poly_lr(base_lr: float, step: int, total_steps: int, power: float) -> float:
+    """Poly decay over all steps: base * (1 - step / total) ** power."""
+    return base_lr * (1.0 - min(step, total_steps) / max(total_steps, 1)) ** power

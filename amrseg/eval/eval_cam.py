@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..cam.io import BRANCH_ARRAYS, fuse, load_cam
-from ..engine.common import progress as progress_bar
+from ..runtime import progress as progress_bar
 from ..errors import AmrsegError
 from .metrics import iou_from_confusion, sweep_confusion
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import IRNConfig, IRNModelConfig, merge
-from ..engine.common import load_torch
+from ..fileio import load_torch
 from ..errors import AmrsegError
 from ..refine.affinity import (
     affinity_loss,

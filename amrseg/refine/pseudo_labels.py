@@ -30,7 +30,7 @@ from ..cam.io import evidence, load_cam
 from ..config import run_kind
 from ..data.transforms import normalize
 from ..data.voc import IGNORE, SegData, read_image, read_mask, write_palette_png
-from ..engine.common import pick_device, progress
+from ..runtime import pick_device, progress
 from ..errors import AmrsegError
 from ..outputs import CONFIG as CAMS_CONFIG, claim_folder, file_identity
 from ..eval.metrics import confusion_matrix, iou_from_confusion

@@ -1,21 +1,18 @@
-"""What every long stage shares: device choice, distributed set-up, atomic files, progress bars."""
+"""What every long job shares, from the library to the stages: the device, torchrun's process group,
+mixed precision, seeding and progress bars."""
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
-import shutil
 import sys
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..errors import AmrsegError
-from ..fileio import atomic_write
+from .errors import AmrsegError
 
 
 @dataclass
@@ -85,71 +82,6 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def tensor_bytes(obj: Any) -> int:
-    """Bytes of all tensors in a nested dict/list (what torch.save will write, give or take)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save through fileio.atomic_write; a full disk is one AmrsegError naming `path`."""
-
-    def write(tmp: str) -> None:
-        try:
-            torch.save(obj, tmp)
-        except RuntimeError as e:
-            # torch's zip writer reports a failed write as "unexpected pos ..." without the OS error.
-            if shutil.disk_usage(os.path.dirname(tmp)).free < tensor_bytes(obj) + (1 << 20):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
-            raise OSError(errno.EIO, f"torch.save failed: {str(e).splitlines()[0][:160]}") from None
-
-    atomic_write(path, write)
-
-
-# torch.save writes a zip archive (PyTorch >= 1.6) or, in the legacy format, a pickle stream.
-_WEIGHTS_MAGIC = (b"PK\x03\x04", b"\x80")
-
-
-def _weights_problem(path: Path) -> Optional[str]:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError as e:
-        return f"cannot read ({e.strerror})"
-    if not head.startswith(_WEIGHTS_MAGIC):
-        return "not a PyTorch weights file (expected a file written by torch.save)"
-    return None
-
-
-def check_weights_file(path: Path, flag: str) -> None:
-    """One line unless `path` starts like a file written by torch.save (a text file, an image...)."""
-    problem = _weights_problem(Path(path))
-    if problem:
-        raise AmrsegError(f"{flag} {path}: {problem}")
-
-
-def load_torch(path: Path, what: str) -> dict:
-    """torch.load with weights_only=True; any failure is a one-line error naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise AmrsegError(f"{path}: {what} not found")
-    problem = _weights_problem(path)
-    if problem:
-        raise AmrsegError(f"{path}: {what}: {problem}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle with code, wrong format...
-        raise AmrsegError(f"{path}: cannot load {what} ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-    if not isinstance(obj, dict):
-        raise AmrsegError(f"{path}: {what} is not a dict")
-    return obj
-
-
 def progress(iterable: Optional[Iterable] = None, enabled: Optional[bool] = None, **kw) -> tqdm:
     """A tqdm bar on stderr, shown only on a terminal unless `enabled` says otherwise."""
     if enabled is None:
@@ -165,8 +97,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def poly_lr(base_lr: float, step: int, total_steps: int, power: float) -> float:
-    """Poly decay over all steps: base * (1 - step / total) ** power."""
-    return base_lr * (1.0 - min(step, total_steps) / max(total_steps, 1)) ** power
