@@ -2,7 +2,7 @@
 PYTHON ?= python3
 DEMO_DIR ?= demo
 
-.PHONY: setup test test-all demo bench clean
+.PHONY: setup test demo bench clean
 
 setup: .setup-stamp
 
@@ -13,11 +13,9 @@ setup: .setup-stamp
 test: setup
 	$(PYTHON) -m pytest -q
 
-test-all: setup
-	$(PYTHON) -m pytest -q --runslow
-
+# The CPU demo is a packaged experiment (amrseg/experiments/demo.yaml); PRESET=amr make demo: another preset.
 demo: setup
-	PYTHON=$(PYTHON) bash scripts/demo.sh $(DEMO_DIR)
+	$(PYTHON) -m amrseg run demo --out $(DEMO_DIR) $(if $(PRESET),--set preset=$(PRESET))
 
 bench: setup
 	$(PYTHON) bench/quality.py

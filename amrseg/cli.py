@@ -5,13 +5,14 @@ Bad input ends in one line on stderr naming the file or flag, and exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
+from typing import Any, Optional
 
-from .errors import AmrsegError
-from .fileio import check_writable_dir, check_writable_file
+from .errors import AmrsegError, one_line
 
 
 def _floats(text: str, flag: str) -> list[float]:
@@ -21,74 +22,63 @@ def _floats(text: str, flag: str) -> list[float]:
         raise AmrsegError(f"{flag} {text!r}: expected comma-separated numbers") from None
 
 
-# --------------------------------------------------------------------------- commands
+def _given(a, cfg: Any, **converted) -> dict:
+    """The flags typed on the command line, as the stage config's fields: every attribute of the
+    parsed arguments named like a field (None and an unset switch mean: not given), then the
+    `converted` values (a parsed --scales, a negated switch...)."""
+    names = {f.name for f in dataclasses.fields(cfg)}
+    flags = {k: v for k, v in vars(a).items() if k in names and v is not None and v is not False}
+    flags.update({k: v for k, v in converted.items() if v is not None})
+    return flags
 
 
-def cmd_dataset_info(a) -> int:
-    from .data.voc import dataset_info, open_dataset
+def _run_stage(a, flags: dict, preset: Optional[str] = None):
+    """Resolves the command's config (defaults < flags < --set) and runs its stage."""
+    from .config import resolve
+    from .stages import STAGES
 
-    print(json.dumps(dataset_info(open_dataset(a.data, a.split)), indent=2))
+    from .runs import check_registered
+
+    stage = STAGES[a.command]
+    cfg = resolve(stage.default_config(preset) if stage.trains else stage.default_config(), flags, a.set,
+                  checks=(check_registered,) if stage.trains else ())
+    return cfg, stage.load()
+
+
+PRETTY = ("eval-cam", "eval-seg", "dataset-info")  # commands that print indented JSON
+
+
+def _print(summary, warnings=(), pretty: bool = False) -> int:
+    for w in warnings:
+        print(f"amrseg: warning: {w}", file=sys.stderr)
+    print(json.dumps(summary, indent=2 if pretty else None))
     return 0
 
 
-def cmd_fetch_art(a) -> int:
-    from .data.emoji_art import fetch_art
+def cmd_stage(a) -> int:
+    """Every stage command but the training ones: flags to config, run, print the summary."""
+    from .stages import STAGES
 
-    if a.dir:
-        check_writable_dir(a.dir, "DIR")
-    print(json.dumps(fetch_art(a.dir, tarballs=a.tarballs)))
-    return 0
-
-
-# build-scenes defaults per --source (build-fashion-scenes keeps the fashion ones).
-SCENE_DEFAULTS = {"emoji": {"train": 10000, "val": 1000, "size": 192},
-                  "fashion": {"train": 8000, "val": 1000, "size": 128}}
-
-
-def _only_for(a, source: str, flags: dict) -> None:
-    for flag, value in flags.items():
-        if value is not None:
-            raise AmrsegError(f"{flag}: only for --source {source} (got --source {a.source})")
+    converted = {"scales": _floats(a.scales, "--scales") if getattr(a, "scales", None) else None}
+    if getattr(a, "no_crf", False):
+        converted["crf"] = False
+    if a.command == "build-fashion-scenes":
+        a.command = "build-scenes"
+        converted["source"] = "fashion"
+    cfg, stage = _run_stage(a, _given(a, STAGES[a.command].default_config(), **converted))
+    result = stage.run(cfg, resume=True) if getattr(a, "resume", False) else stage.run(cfg)
+    summary, warnings = result if isinstance(result, tuple) else (result, [])
+    _print(summary, warnings, a.command in PRETTY)
+    return _stopped(summary, a.command)
 
 
-def cmd_build_scenes(a) -> int:
-    from .runtime import progress
-
-    check_writable_dir(a.out, "OUT")
-    for key, value in SCENE_DEFAULTS[a.source].items():
-        if getattr(a, key) is None:
-            setattr(a, key, value)
-    with progress(total=a.train + a.val, desc=f"build-scenes {a.source}", unit="img") as bar:
-        if a.source == "emoji":
-            from .data.emoji_scenes import DEFAULT_CONTEXT_PROB, build_emoji_scenes
-
-            _only_for(a, "fashion", {"--fmnist": a.fmnist})
-            summary = build_emoji_scenes(
-                a.out, art=a.art, n_train=a.train, n_val=a.val, size=a.size, seed=a.seed,
-                context_prob=DEFAULT_CONTEXT_PROB if a.context_prob is None else a.context_prob, progress=bar.update)
-        else:
-            from .data.fashion import build_scenes
-
-            _only_for(a, "emoji", {"--art": a.art, "--context-prob": a.context_prob})
-            summary = build_scenes(a.out, fmnist=a.fmnist, n_train=a.train, n_val=a.val, size=a.size, seed=a.seed,
-                                   progress=bar.update)
-    print(json.dumps(summary))
-    return 0
-
-
-def cmd_pretrain_backbone(a) -> int:
-    from .engine.pretrain import PretrainConfig, pretrain_backbone
-
-    check_writable_file(a.out, "--out")
-    if a.source == "emoji":
-        _only_for(a, "fashion", {"--fmnist": a.fmnist})
-    else:
-        _only_for(a, "emoji", {"--art": a.art})
-    cfg = PretrainConfig.for_source(a.source, backbone=a.backbone, base_width=a.base_width, epochs=a.epochs,
-                                    size=a.size, items=a.items, batch_size=a.batch_size, seed=a.seed,
-                                    device=a.device)
-    print(json.dumps(pretrain_backbone(a.out, cfg, fmnist=a.fmnist, art=a.art)))
-    return 0
+def _stopped(summary: dict, command: str) -> int:
+    """130 (and how to go on) for a run stopped before its end (Ctrl-C), else 0."""
+    if summary.get("finished", True):
+        return 0
+    print(f"stopped at step {summary['step']}/{summary['total_steps']}; run the same {command} command with "
+          f"--resume to finish", file=sys.stderr)
+    return 130
 
 
 def _train_flags(a, sections: dict) -> dict:
@@ -115,160 +105,39 @@ def _check_weights(path: str, flag: str) -> None:
         check_weights_file(Path(path), flag)
 
 
-def _finish_training(summary: dict, command: str) -> int:
-    print(json.dumps(summary))
-    if not summary["finished"]:
-        print(f"stopped at step {summary['step']}/{summary['total_steps']}; run the same {command} command with "
-              f"--resume to finish", file=sys.stderr)
-        return 130
-    return 0
-
-
-def cmd_train_cam(a) -> int:
-    from .config import resolve
-    from .engine.train_cam import train_cam
-
-    flags = _train_flags(a, {
-        "model": {"backbone": a.backbone, "base_width": a.base_width, "pretrained": a.pretrained,
-                  "init_spotlight": str(Path(a.init_spotlight).resolve()) if a.init_spotlight else None},
-        "train": {"epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr, "device": a.device, "seed": a.seed},
-        "data": {"crop": a.crop}})
-    flags.update({"data_root": str(Path(a.data).resolve()), "split": a.split})
-    cfg = resolve(a.preset, flags, a.set)
-    return _finish_training(train_cam(cfg, Path(a.out), resume=a.resume), "train-cam")
-
-
-def cmd_make_cam(a) -> int:
-    from .cam.infer import InferConfig, make_cams
-
-    icfg = InferConfig(method=a.method, scales=_floats(a.scales, "--scales"), xi=a.xi, batch_size=a.batch_size,
-                       device=a.device, save_branches=a.save_branches, score_threshold=a.score_threshold,
-                       adv_steps=a.adv_steps, adv_climb=a.adv_climb, overwrite=a.overwrite)
-    check_writable_dir(a.out, "--out")
-    print(json.dumps(make_cams(Path(a.run), a.data, a.split, Path(a.out), icfg)))
-    return 0
-
-
-def cmd_eval_cam(a) -> int:
-    from .data.voc import open_dataset
-    from .runtime import pick_device
-    from .eval.eval_cam import evaluate_cams, parse_range
-    from .fileio import write_text
-
-    if a.sweep and a.threshold is not None:
-        raise AmrsegError("--sweep and --threshold: give one of them")
-    thresholds = parse_range(a.sweep, "--sweep") if a.sweep else [a.threshold if a.threshold is not None else 0.2]
-    xis = parse_range(a.xi_sweep, "--xi-sweep") if a.xi_sweep else None
-    device = pick_device(a.device)
-    if a.out:
-        check_writable_file(a.out, "--out")
-    data = open_dataset(a.data, a.split, require_labels=False)
-    result = evaluate_cams(Path(a.cams), data, thresholds, xi_values=xis, device=device, progress=None)
-    text = json.dumps(result, indent=2)
-    if a.out:
-        write_text(a.out, text + "\n")
-    print(text)
-    return 0
-
-
-def cmd_visualize(a) -> int:
-    from .data.voc import open_dataset
-    from .viz import visualize
-
-    metrics = None
-    if a.metrics:
-        try:
-            metrics = json.loads(Path(a.metrics).read_text())
-        except (OSError, ValueError) as e:
-            raise AmrsegError(f"--metrics {a.metrics}: cannot read JSON ({e})") from None
-    threshold = a.threshold if a.threshold is not None else (metrics or {}).get("threshold", 0.2)
-    check_writable_dir(a.out, "--out")
-    data = open_dataset(a.data, a.split, require_labels=False)
-    index, warnings = visualize(Path(a.cams), data, Path(a.out), threshold, limit=a.limit, metrics=metrics,
-                                progress=None)
-    for w in warnings:
-        print(f"amrseg: warning: {w}", file=sys.stderr)
-    print(json.dumps({"index": str(index), "threshold": threshold}))
-    return 0
-
-
-def cmd_train_seg(a) -> int:
-    from .config import resolve_run
-    from .engine.train_seg import train_seg
-
-    flags = _train_flags(a, {
-        "model": {"backbone": a.backbone, "base_width": a.base_width, "pretrained": a.pretrained},
-        "train": {"epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr, "device": a.device, "seed": a.seed},
-        "data": {"crop": a.crop}})
-    flags.update({"data_root": str(Path(a.data).resolve()), "split": a.split, "labels": str(Path(a.labels).resolve())})
-    cfg = resolve_run("seg", flags, a.set)
-    return _finish_training(train_seg(cfg, Path(a.out), resume=a.resume), "train-seg")
-
-
-def cmd_eval_seg(a) -> int:
-    from .data.voc import open_dataset
-    from .fileio import write_text
-    from .segment import eval_pred_dir, eval_run
-
-    if (a.pred is None) == (a.run is None):
-        raise AmrsegError("--pred and --run: give exactly one of them")
-    if a.out:
-        check_writable_file(a.out, "--out")
-    if a.save:
-        check_writable_dir(a.save, "--save")
-    data = open_dataset(a.data, a.split, require_labels=False)
-    if a.pred:
-        result = eval_pred_dir(Path(a.pred), data)
+def cmd_train(a) -> int:
+    """train-cam, train-irn, train-seg: flags to the run config, train, print the summary."""
+    model = {"backbone": a.backbone, "base_width": a.base_width, "pretrained": a.pretrained}
+    paths = {"data_root": str(Path(a.data).resolve()), "split": a.split}
+    if a.command == "train-cam":
+        model["init_spotlight"] = str(Path(a.init_spotlight).resolve()) if a.init_spotlight else None
+    elif a.command == "train-irn":
+        if not Path(a.cams).is_dir():
+            raise AmrsegError(f"--cams {a.cams}: not a directory")
+        paths.update(ir_labels=str(Path(a.ir_labels).resolve()), cams=str(Path(a.cams).resolve()))
     else:
-        result = eval_run(Path(a.run), data, _floats(a.scales, "--scales"), device=a.device, crf=a.crf,
-                          save=Path(a.save) if a.save else None)
-    text = json.dumps(result, indent=2)
-    if a.out:
-        write_text(a.out, text + "\n")
-    print(text)
-    return 0
-
-
-def cmd_predict(a) -> int:
-    from .segment import predict
-
-    check_writable_dir(a.out, "--out")
-    print(json.dumps(predict(Path(a.run), Path(a.input), Path(a.out), fmt=a.format,
-                             scales=_floats(a.scales, "--scales"), crf=a.crf, device=a.device,
-                             overwrite=a.overwrite)))
-    return 0
-
-
-def cmd_train_irn(a) -> int:
-    from .config import resolve_irn
-    from .engine.train_irn import train_irn
-
-    if not Path(a.cams).is_dir():
-        raise AmrsegError(f"--cams {a.cams}: not a directory")
+        paths["labels"] = str(Path(a.labels).resolve())
     flags = _train_flags(a, {
-        "model": {"backbone": a.backbone, "base_width": a.base_width, "pretrained": a.pretrained},
+        "model": model,
         "train": {"epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr, "device": a.device, "seed": a.seed},
         "data": {"crop": a.crop}})
-    flags.update({"data_root": str(Path(a.data).resolve()), "split": a.split,
-                  "ir_labels": str(Path(a.ir_labels).resolve()), "cams": str(Path(a.cams).resolve())})
-    cfg = resolve_irn(flags, a.set)
-    return _finish_training(train_irn(cfg, Path(a.out), resume=a.resume), "train-irn")
-
-
-def cmd_pseudo_labels(a) -> int:
-    from .data.voc import open_dataset
-    from .refine.pseudo_labels import PseudoLabelConfig, make_pseudo_labels
-
-    cfg = PseudoLabelConfig(method=a.method, workers=a.workers, bg_threshold=a.bg_threshold,
-                            fg_threshold=a.fg_threshold, cam_method=a.cam_method, crf=not a.no_crf, irn=a.irn,
-                            cam_power=a.cam_power, radius=a.radius, beta=a.beta, exp_times=a.exp_times,
-                            device=a.device, overwrite=a.overwrite)
-    check_writable_dir(a.out, "--out")
-    data = open_dataset(a.data, a.split, require_labels=False)
-    summary, warnings = make_pseudo_labels(Path(a.cams), data, Path(a.out), cfg)
-    for w in warnings:
-        print(f"amrseg: warning: {w}", file=sys.stderr)
+    flags.update(paths)
+    cfg, stage = _run_stage(a, flags, getattr(a, "preset", None))
+    summary = stage.run(cfg, Path(a.out), resume=a.resume)
     print(json.dumps(summary))
+    return _stopped(summary, a.command)
+
+
+def cmd_run(a) -> int:
+    from .pipeline import list_experiments, run_experiment
+
+    if a.list:
+        for name, text in list_experiments():
+            print(f"{name:12s} {text}")
+        return 0
+    if not a.experiment:
+        raise AmrsegError("EXPERIMENT: give an experiment file or a packaged name (amrseg run --list)")
+    print(json.dumps(run_experiment(a.experiment, out=a.out, overrides=a.set, until=a.until)))
     return 0
 
 
@@ -343,6 +212,10 @@ DESCRIPTIONS = {
     "train-irn": "Trains IRN's boundary and displacement branches on IR labels (pseudo-labels --method crf) "
                  "over frozen backbone features; pseudo-labels --method irn then propagates the CAMs with a "
                  "random walk on the learned boundaries. Same run directory and resume as train-cam.",
+    "run": "Runs the stages of an experiment file in order into one folder: each step's config "
+           "resolved and checked first, finished steps skipped, an interrupted training resumed from its "
+           "checkpoint, per-image stages finishing what is missing. Writes report.html (figures, curves, "
+           "galleries, every config) and report.json after every step. 'amrseg run demo' is the CPU demo.",
     "pseudo-labels": "Turns CAMs into pixel labels: --method crf writes IR labels (confident foreground and "
                      "background from two thresholds, refined by a dense CRF, 255 where unsure) to train IRN "
                      "on; --method irn writes the final pseudo masks by a random walk with a train-irn run. "
@@ -351,9 +224,13 @@ DESCRIPTIONS = {
 
 
 def _finish_parser(sub: argparse._SubParsersAction) -> None:
-    """Every command: the default-showing help formatter and its description paragraph."""
+    """Every command: the default-showing help formatter, its description paragraph and `--set`."""
     for name, parser in sub.choices.items():
         parser.formatter_class = _HelpFormatter
+        if not any("--set" in action.option_strings for action in parser._actions):
+            parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                                help="override any field of this command's config by name, e.g. "
+                                     "--set threshold=0.3 (repeatable; default: none)")
         if name in DESCRIPTIONS:
             parser.description = DESCRIPTIONS[name]
 
@@ -368,8 +245,11 @@ DEVICE_HELP = "auto: a CUDA GPU when there is one, else the CPU; cuda: a CUDA GP
 def _add_training_flags(s, d, backbone: str, pretrained: str, crop: str, lr: str, set_example: str) -> None:
     """The flags train-cam, train-irn and train-seg share (--out ... --set); `d` is the command's default
     config, whose values the help shows (a flag not given leaves the config's value)."""
+    from .models.backbones import BACKBONES
+    from .runtime import DEVICES
+
     s.add_argument("--out", required=True, help="run directory")
-    s.add_argument("--backbone", choices=["resnet18", "resnet34", "resnet50", "resnet101"],
+    s.add_argument("--backbone", choices=list(BACKBONES),
                    help=f"{backbone} (default {d.model.backbone})")
     s.add_argument("--base-width", type=int, help=f"channels of the ResNet stem; 64 = the standard nets, "
                    f"less for CPU runs (default {d.model.base_width})")
@@ -379,7 +259,7 @@ def _add_training_flags(s, d, backbone: str, pretrained: str, crop: str, lr: str
                    f"(default {d.train.batch_size})")
     s.add_argument("--crop", type=int, help=f"{crop} (default {d.data.crop})")
     s.add_argument("--lr", type=float, help=f"{lr} (default {d.train.lr:g})")
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"], help=DEVICE_HELP)
+    s.add_argument("--device", choices=list(DEVICES), help=DEVICE_HELP)
     s.add_argument("--seed", type=int, help=f"seed of the initial weights, sample order and "
                    f"augmentation (default {d.train.seed})")
     s.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint "
@@ -387,9 +267,23 @@ def _add_training_flags(s, d, backbone: str, pretrained: str, crop: str, lr: str
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP + set_example)
 
 
+def _add_cams_flags(s, split_help: str) -> None:
+    """--cams, --data and --split: the inputs of the commands that read CAMs."""
+    s.add_argument("--cams", required=True, help="CAMS folder of make-cam")
+    s.add_argument("--data", required=True, help=DATA_HELP)
+    s.add_argument("--split", required=True, help=split_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .cam.advcam import CLIMBS
+    from .cam.methods import CAM_METHODS
     from .config import PRESETS, Config, IRNConfig, SegConfig
+    from .models.backbones import BACKBONES
+    from .runtime import DEVICES
+    from .stages.build_scenes import SOURCES
+    from .stages.predict import FORMATS
+    from .stages.pseudo_labels import REFINERS
 
     # The defaults the help texts show come from the config dataclasses themselves.
     run_defaults = {"train-cam": Config(), "train-irn": IRNConfig(), "train-seg": SegConfig()}
@@ -401,14 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("dataset-info", help="summarise a VOC-style dataset split as JSON")
     s.add_argument("--data", required=True, help="dataset root (VOC layout)")
     s.add_argument("--split", required=True, help=SPLIT_HELP)
-    s.set_defaults(func=cmd_dataset_info)
+    s.set_defaults(func=cmd_stage)
 
     s = sub.add_parser("fetch-art", help="get the open emoji art (Twemoji, Noto) for emoji-VOC with npm")
     s.add_argument("dir", nargs="?", help="art folder (default $AMRSEG_ART, else ~/.cache/amrseg/emoji-art)")
     s.add_argument("--tarballs", nargs="+", metavar="TGZ",
                    help="use these downloaded emoji-datasource-{twitter,google}-16.0.0.tgz instead of npm "
                         "(default: run npm pack)")
-    s.set_defaults(func=cmd_fetch_art)
+    s.set_defaults(func=cmd_stage)
 
     art_help = "emoji art folder (default $AMRSEG_ART, else ~/.cache/amrseg/emoji-art; 'amrseg fetch-art' fills it)"
     fmnist_help = "folder with the Fashion-MNIST IDX files (default $AMRSEG_FMNIST, else " \
@@ -423,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
         if fashion_only:
             s.set_defaults(source="fashion", art=None, context_prob=None)
         else:
-            s.add_argument("--source", required=True, choices=["emoji", "fashion"],
+            s.add_argument("--source", required=True, choices=list(SOURCES),
                            help="emoji: emoji-VOC; fashion: Fashion-MNIST items")
             s.add_argument("--art", help=art_help)
             s.add_argument("--context-prob", type=float,
@@ -436,17 +330,17 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--size", type=int, help="image side in pixels (default 192 emoji, 128 fashion)"
                        if not fashion_only else "image side in pixels (default 128)")
         s.add_argument("--seed", type=int, default=0, help="the seed: same seed, same bytes (default 0)")
-        s.set_defaults(func=cmd_build_scenes)
+        s.set_defaults(func=cmd_stage)
 
     s = sub.add_parser("pretrain-backbone", help="pretrain a small backbone on single emoji (all ~1,900 of both "
                                                  "vendors) or Fashion-MNIST items: the CPU stand-in for ImageNet")
     s.add_argument("--out", required=True, help="weights file to write (torchvision names)")
-    s.add_argument("--source", default="fashion", choices=["emoji", "fashion"],
+    s.add_argument("--source", default="fashion", choices=list(SOURCES),
                    help="emoji: classify every emoji of the art; fashion: the 10 Fashion-MNIST classes "
                         "(default fashion)")
     s.add_argument("--art", help=art_help)
     s.add_argument("--fmnist", help=fmnist_help)
-    s.add_argument("--backbone", default="resnet18", choices=["resnet18", "resnet34", "resnet50", "resnet101"],
+    s.add_argument("--backbone", default="resnet18", choices=list(BACKBONES),
                    help="ResNet depth; train with the same one")
     s.add_argument("--base-width", type=int, default=32, help="channels of the ResNet stem (64 = the standard nets)")
     s.add_argument("--epochs", type=int, help="epochs (default 5 emoji, 2 fashion)")
@@ -454,8 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--items", type=int, help="training items per epoch (default 40000 emoji, 12000 fashion)")
     s.add_argument("--batch-size", type=int, help="batch size (default 32 emoji, 64 fashion)")
     s.add_argument("--seed", type=int, default=0, help="seed of the weights, items and backgrounds")
-    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help=DEVICE_HELP)
-    s.set_defaults(func=cmd_pretrain_backbone)
+    s.add_argument("--device", default="auto", choices=list(DEVICES), help=DEVICE_HELP)
+    s.add_argument("--resume", action="store_true", help="continue the run of OUT.run/ from its checkpoint "
+                   "(without it, an existing OUT.run/ is refused)")
+    s.set_defaults(func=cmd_stage)
 
     s = sub.add_parser("train-cam", help="train the AMR network (or the plain CAM) on image-level labels")
     s.add_argument("--data", required=True, help=DATA_HELP)
@@ -473,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--init-spotlight", help="RUN dir or model.pt of a trained `cam` run (amr-official; "
                                             "the release trains that run with cutout: train it with "
                                             "--set data.cutout=true). Default: none")
-    s.set_defaults(func=cmd_train_cam)
+    s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("make-cam", help="compute CAMs of a trained run for a split")
     s.add_argument("--run", "--run-dir", required=True, metavar="RUN",
@@ -482,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="dataset root, or a plain folder of images")
     s.add_argument("--split", default="train", help="the split to compute CAMs for")
     s.add_argument("--out", required=True, help="CAMS folder for the <id>.npz files")
-    s.add_argument("--method", default="cam", choices=["cam", "gradcam", "advcam"],
+    s.add_argument("--method", default="cam", choices=list(CAM_METHODS),
                    help="cam: the CAM itself (the method of every figure in the README); gradcam: Grad-CAM; "
                         "advcam: anti-adversarial climbing, the release's default, --adv-steps forward and "
                         "backward passes per scale")
@@ -490,40 +386,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--xi", type=float, default=0.5, help="weight of the spotlight CAM (default 0.5)")
     s.add_argument("--batch-size", type=int, default=8, help="images per forward pass where sizes allow "
                    "(default 8)")
-    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help=DEVICE_HELP)
+    s.add_argument("--device", default="auto", choices=list(DEVICES), help=DEVICE_HELP)
     s.add_argument("--save-branches", action="store_true", help="also store each branch's maps (for --xi-sweep)")
     s.add_argument("--score-threshold", type=float, default=0.5,
                    help="unlabelled images: classes with sigmoid score above this (default 0.5)")
     s.add_argument("--adv-steps", type=int, default=27, help="advcam: climbing steps (default 27)")
-    s.add_argument("--adv-climb", default="branch", choices=["branch", "joint"],
+    s.add_argument("--adv-climb", default="branch", choices=list(CLIMBS),
                    help="advcam: one climb per branch, each on its own objective (the release), or one "
                         "climb on the sum of both branches' objectives (default branch)")
     s.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    s.set_defaults(func=cmd_make_cam)
+    s.set_defaults(func=cmd_stage)
 
     s = sub.add_parser("eval-cam", help="score CAMs against the masks (mIoU)")
-    s.add_argument("--cams", required=True, help="CAMS folder of make-cam")
-    s.add_argument("--data", required=True, help=DATA_HELP)
-    s.add_argument("--split", required=True, help="the split to score (its images need masks; VOC seeds: train)")
+    _add_cams_flags(s, "the split to score (its images need masks; VOC seeds: train)")
     s.add_argument("--threshold", type=float, help="background threshold (default 0.2 without --sweep)")
     s.add_argument("--sweep", help="LO:HI:STEP background thresholds, all scored in one pass "
                    "(default: none, one --threshold)")
     s.add_argument("--xi-sweep", help="LO:HI:STEP spotlight weights (needs make-cam --save-branches; "
                    "default: none, the stored fused maps)")
-    s.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
+    s.add_argument("--device", default="cpu", choices=list(DEVICES),
                    help="where the confusion matrices are counted; cuda needs a CUDA device")
     s.add_argument("--out", help="write the JSON here too (default: stdout only)")
-    s.set_defaults(func=cmd_eval_cam)
+    s.set_defaults(func=cmd_stage)
 
     s = sub.add_parser("visualize", help="PNG panels and an HTML gallery of CAMs")
-    s.add_argument("--cams", required=True, help="CAMS folder of make-cam")
-    s.add_argument("--data", required=True, help=DATA_HELP)
-    s.add_argument("--split", required=True, help="the split whose CAMs to draw")
+    _add_cams_flags(s, "the split whose CAMs to draw")
     s.add_argument("--out", required=True, help="folder for the panels and index.html")
     s.add_argument("--limit", type=int, help="draw only the first N images (default: all)")
     s.add_argument("--threshold", type=float, help="background threshold (default: the metrics' best, else 0.2)")
     s.add_argument("--metrics", help="eval-cam JSON: adds the mIoU and a per-class IoU chart (default: none)")
-    s.set_defaults(func=cmd_visualize)
+    s.set_defaults(func=cmd_stage)
     s = sub.add_parser("train-seg", help="train DeepLab-v2 on pseudo masks (255 ignored)")
     s.add_argument("--data", required=True, help=DATA_HELP)
     s.add_argument("--labels", required=True, help="folder of pseudo-mask PNGs (<id>.png)")
@@ -533,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "side of the square training crop in pixels",
                         "learning rate of the pretrained backbone; new layers get it x train.new_lr_mult",
                         "e.g. --set model.output_stride=16")
-    s.set_defaults(func=cmd_train_seg)
+    s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("eval-seg", help="score segmentation masks (a folder, or a train-seg run) against the masks")
     s.add_argument("--pred", help="folder of predicted PNG masks (<id>.png); give --pred or --run (default: none)")
@@ -544,22 +436,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scales", default="1.0", help="with --run: e.g. 1.0,0.5,1.5 (each with its flip)")
     s.add_argument("--crf", action="store_true", help="with --run: refine with a dense CRF ('crf' extra)")
     s.add_argument("--save", help="with --run: also write the masks here (default: not written)")
-    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help=DEVICE_HELP)
+    s.add_argument("--device", default="auto", choices=list(DEVICES), help=DEVICE_HELP)
     s.add_argument("--out", help="write the JSON here too (default: stdout only)")
-    s.set_defaults(func=cmd_eval_seg)
+    s.set_defaults(func=cmd_stage)
 
     s = sub.add_parser("predict", help="segment any JPEG/PNG images with a train-seg run")
     s.add_argument("--run", "--run-dir", required=True, metavar="RUN",
                    help="the train-seg run directory (--run-dir: the same, for torchrun)")
     s.add_argument("--input", required=True, help="an image file or a folder of images")
     s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--format", default="png", choices=["png", "voc-test"],
+    s.add_argument("--format", default="png", choices=list(FORMATS),
                    help="png: masks + overlays; voc-test: the evaluation server's layout + tar.gz")
     s.add_argument("--scales", default="1.0", help="image scales, each with its flip, averaged (e.g. 1.0,0.5,1.5)")
     s.add_argument("--crf", action="store_true", help="refine with a dense CRF (the 'crf' extra)")
-    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help=DEVICE_HELP)
+    s.add_argument("--device", default="auto", choices=list(DEVICES), help=DEVICE_HELP)
     s.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    s.set_defaults(func=cmd_predict)
+    s.set_defaults(func=cmd_stage)
 
     s = sub.add_parser("train-irn", help="train IRN's boundary and displacement branches on IR labels")
     s.add_argument("--cams", required=True, help="the CAM folder the IR labels came from (recorded in the config)")
@@ -570,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "PATH | URL | imagenet | none | a train-cam RUN (its spotlight backbone); default imagenet",
                         "side of the training crop, a multiple of 4",
                         "boundary branch; displacement x train.new_lr_mult", "e.g. --set model.radius=10")
-    s.set_defaults(func=cmd_train_irn)
+    s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("pseudo-labels", help="IR labels (crf) or IRN pseudo masks (irn) from CAMs")
     s.add_argument("--cams", required=True, help="CAMS folder of make-cam")
@@ -579,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True,
                    help="folder for the <id>.png labels and the config.yaml that made them (finished images "
                         "are skipped)")
-    s.add_argument("--method", required=True, choices=["crf", "irn"],
+    s.add_argument("--method", required=True, choices=list(REFINERS),
                    help="crf: IR labels for train-irn; irn: pseudo masks by the random walk (needs --irn)")
     s.add_argument("--workers", type=int, help="crf: processes; irn: image loaders (default min(4, CPUs))")
     s.add_argument("--bg-threshold", type=float,
@@ -587,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "irn: background plane (default 0.25)")
     s.add_argument("--fg-threshold", type=float,
                    help="crf: high CAM threshold (default 0.30 cam/gradcam, 0.60 advcam)")
-    s.add_argument("--cam-method", choices=["cam", "gradcam", "advcam"],
+    s.add_argument("--cam-method", choices=list(CAM_METHODS),
                    help="the CAMs' method, for the default thresholds (crf) and cam power (irn) "
                         "(default: CAMS/cams.json)")
     s.add_argument("--no-crf", action="store_true", help="crf: thresholded CAMs without the dense CRF")
@@ -598,21 +490,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--radius", type=int, help="irn: affinity radius at stride 4 (default 5)")
     s.add_argument("--beta", type=float, help="irn: affinity exponent (default 10)")
     s.add_argument("--exp-times", type=int, help="irn: the walk takes 2^N steps (default 8)")
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"], help="irn: default auto")
+    s.add_argument("--device", choices=list(DEVICES), help="irn: default auto")
     s.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    s.set_defaults(func=cmd_pseudo_labels)
+    s.set_defaults(func=cmd_stage)
+    s = sub.add_parser("run", help="run the pipeline of an experiment file (or a packaged experiment) with a report")
+    s.add_argument("experiment", nargs="?", metavar="EXPERIMENT",
+                   help="an experiment YAML file, or the name of a packaged one (see --list; default: none, with --list)")
+    s.add_argument("--list", action="store_true", help="list the packaged experiments and exit")
+    s.add_argument("--out", help="experiment folder (default: runs/<experiment name>)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="STEP.KEY=VALUE sets a field of one step's config (e.g. train-cam.train.epochs=1); "
+                        "KEY=VALUE sets a variable of the experiment (e.g. data.root=/data/VOC2012); "
+                        "repeatable (default: none)")
+    s.add_argument("--until", metavar="STAGE", help="stop after the first step of this name or command, e.g. "
+                   "eval-cam (default: run every step)")
+    s.set_defaults(func=cmd_run)
     _finish_parser(sub)
     return p
-
-
-def _one_line(exc: BaseException) -> str:
-    """An AmrsegError re-raised from a DataLoader worker carries the worker's traceback: keep the message."""
-    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-    last = lines[-1] if lines else type(exc).__name__
-    for prefix in ("amrseg.errors.AmrsegError: ", "AmrsegError: "):
-        if last.startswith(prefix):
-            last = last[len(prefix):]
-    return last
 
 
 def _quiet_stdout() -> None:
@@ -629,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except AmrsegError as e:
-        print(f"amrseg: error: {_one_line(e)}", file=sys.stderr)
+        print(f"amrseg: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("amrseg: interrupted", file=sys.stderr)
@@ -639,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         return 141  # 128 + SIGPIPE, as the shell reports a tool that the closed pipe stopped
     except OSError as e:  # last resort: a file fault the stage did not name itself
         where = f"{e.filename}: " if e.filename else ""
-        print(f"amrseg: error: {where}{e.strerror or _one_line(e)}", file=sys.stderr)
+        print(f"amrseg: error: {where}{e.strerror or one_line(e)}", file=sys.stderr)
         return 2
 
 

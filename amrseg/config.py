@@ -22,7 +22,7 @@ PRESETS = ("cam", "amr", "amr-block", "amr-official", "amr-gtm")
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101
+    backbone: str = "resnet50"  # a name of models.backbones.BACKBONES: resnet18 | resnet34 | resnet50 | resnet101
     base_width: int = 64  # channels of the stem; 64 = the standard nets, smaller for CPU
     strides: list = field(default_factory=lambda: [1, 2, 2, 1])  # layer1..4; stem is /4 -> OS 16
     pretrained: str = "imagenet"  # imagenet (torchvision URL for the depth) | PATH | URL | none
@@ -37,7 +37,6 @@ class ModelConfig:
     lr_groups: str = "new"
 
     def validate(self, prefix: str = "model.") -> None:
-        check_choice(prefix + "backbone", self.backbone, BACKBONES)
         check_choice(prefix + "lr_groups", self.lr_groups, ("new", "release"))
         check_range(prefix + "base_width", self.base_width, lo=1)
         check_strides(prefix + "strides", self.strides)
@@ -174,7 +173,6 @@ class BackboneConfig:
     fixed_bn: bool = True  # only with pretrained weights (from scratch every BN learns)
 
     def validate(self, prefix: str = "model.") -> None:
-        check_choice(prefix + "backbone", self.backbone, BACKBONES)
         check_range(prefix + "base_width", self.base_width, lo=1)
         check_range(prefix + "pretrained", self.pretrained, nonempty=True)
 
@@ -248,11 +246,6 @@ class SegConfig:
     def validate(self) -> None:
         validate_sections(self)
         check_no_val_split(self)
-
-
-RUN_KINDS = {"cam": Config, "irn": IRNConfig, "seg": SegConfig}
-_MAKERS = {"cam": "train-cam", "irn": "train-irn", "seg": "train-seg"}
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 
 
 # --------------------------------------------------------------------------- checking values
@@ -413,36 +406,33 @@ def blame(e: ConfigError, flags: dict, overrides: list[str]) -> AmrsegError:
     return e
 
 
-def resolve(preset: str, flags: dict, overrides: list[str]) -> Config:
-    """Preset, then flags (a nested dict of the values given on the command line), then --set; validated.
+def resolve(base: Any, flags: Optional[dict] = None, overrides: Optional[list[str]] = None,
+            checks: tuple = ()) -> Any:
+    """The one resolver of every stage's config: `base`, then flags, then `--set`; validated.
 
+    Args:
+        base: the config to start from: a dataclass instance (a stage's defaults, an experiment
+            file's section) or the name of a train-cam preset.
+        flags: nested dict of the values given on the command line (None = not given).
+        overrides: `--set KEY=VALUE` items.
+        checks: more (cfg) -> None checks after the config's own `validate()`, e.g. that the names
+            it gives to a registry are registered (runs.check_registered): the registries live
+            above this module.
     A value out of range names what the user typed (`--batch-size 0`, `--set train.log_every=0`).
     """
+    flags, overrides = flags or {}, overrides or []
     try:
-        cfg = load_preset(preset)
-        cfg = merge(cfg, flags)
-        cfg = merge(cfg, parse_set(overrides))
+        cfg = load_preset(base) if isinstance(base, str) else base
+        kind = getattr(cfg, "kind", None)
+        cfg = merge(merge(cfg, flags), parse_set(overrides))
+        if getattr(cfg, "kind", None) != kind:
+            raise AmrsegError(f"config key 'kind': cannot be changed (this is a config of kind {kind!r})")
         cfg.validate()
+        for check in checks:
+            check(cfg)
     except ConfigError as e:
         raise blame(e, flags, overrides) from None
     return cfg
-
-
-def resolve_run(kind: str, flags: dict, overrides: list[str]):
-    """Config of an irn or seg run: defaults, then flags (nested dict), then --set; validated."""
-    try:
-        cfg = merge(merge(RUN_KINDS[kind](), flags), parse_set(overrides))
-        if cfg.kind != kind:
-            raise AmrsegError(f"config key 'kind': cannot be changed (this is a {_MAKERS[kind]} run)")
-        cfg.validate()
-    except ConfigError as e:
-        raise blame(e, flags, overrides) from None
-    return cfg
-
-
-def resolve_irn(flags: dict, overrides: list[str]) -> IRNConfig:
-    """A train-irn config: defaults, then flags (nested dict), then --set; validated (IRNConfig.validate)."""
-    return resolve_run("irn", flags, overrides)
 
 
 def validate(cfg: Any) -> None:
@@ -452,23 +442,6 @@ def validate(cfg: Any) -> None:
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def run_kind(run_dir: Path, expected: str, flag: str = "--run") -> str:
-    """Checks that run_dir holds a run of the expected kind (cam, irn or seg); one-line error if not."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise AmrsegError(f"{flag} {run_dir}: not a {_MAKERS[expected]} run directory (no config.yaml)")
-    kind = read_yaml(path).get("kind", "cam")
-    if kind != expected:
-        raise AmrsegError(f"{flag} {run_dir}: a {_MAKERS.get(kind, kind)} run, expected a {_MAKERS[expected]} run")
-    return kind
-
-
-def load_run_config(run_dir: Path, kind: str = "cam"):
-    """The saved config of a run directory, as its dataclass; the run must be of `kind`."""
-    run_kind(run_dir, kind)
-    return merge(RUN_KINDS[kind](), read_yaml(Path(run_dir) / "config.yaml"))
 
 
 def check_choices(**values) -> None:

@@ -31,7 +31,8 @@ os.umask(_UMASK)
 # When this process began (as far as files are concerned): temporary files older than this
 # cannot be ours.
 PROCESS_START = time.time()
-_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:32]
+# This host as temporary file names carry it.
+HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:32]
 # mkstemp's random part: 8 characters of [a-z0-9_].
 _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?:(?P<pid>\d+)-(?P<host>[A-Za-z0-9_]*)-)?[a-z0-9_]{8}\.tmp$")
 # A temporary file of another host cannot be checked for a live writer: it is stale once it is
@@ -77,7 +78,7 @@ def is_stale_temp(path: Path, now_start: Optional[float] = None) -> bool:
         return False
     if m.group("pid") is None:
         return True
-    if m.group("host") != _HOST:
+    if m.group("host") != HOST:
         return mtime < start - _OTHER_HOST_AGE_S
     pid = int(m.group("pid"))
     return pid == os.getpid() or not _pid_alive(pid)
@@ -112,7 +113,7 @@ def _clean_once(folder: Path) -> None:
 
 
 def _make_temp(folder: Path, name: str) -> str:
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.{os.getpid()}-{_HOST}-", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.{os.getpid()}-{HOST}-", suffix=".tmp")
     os.close(fd)
     return tmp
 

@@ -1,4 +1,5 @@
-"""Pictures of CAMs: colour maps and overlays (pure numpy/PIL), and the visualize stage.
+"""Pictures of CAMs: colour maps, overlays, panels and the gallery page (numpy/PIL); the visualize
+stage is stages/visualize.py.
 
 `predict_labels` is the one place where CAMs become a label map for display; the evaluation's
 `metrics.sweep_confusion` implements the same rule (tests check that they agree).
@@ -8,16 +9,14 @@ from __future__ import annotations
 import html
 import urllib.parse
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .cam.io import load_cam
 from .data.voc import VOC_PALETTE
-from .runtime import progress as progress_bar
-from .fileio import atomic_write, save_image
+from .fileio import atomic_write
 from .errors import AmrsegError
 from .eval.metrics import confusion_matrix, iou_from_confusion
 
@@ -93,7 +92,7 @@ def _panel(tiles: list[Image.Image]) -> Image.Image:
     return panel
 
 
-def _iou_chart(path: Path, metrics: dict) -> Optional[str]:
+def iou_chart(path: Path, metrics: dict) -> Optional[str]:
     """Writes a per-class IoU bar chart; returns a warning instead when matplotlib is missing."""
     try:  # no pyplot: an explicit Agg canvas needs no display and leaves no global figure state
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -115,7 +114,7 @@ def _iou_chart(path: Path, metrics: dict) -> Optional[str]:
     return None
 
 
-def _check_metrics(metrics: Any) -> None:
+def check_metrics(metrics: Any) -> None:
     """The metrics dict comes from a user's file: check the fields used here before the long loop."""
     ok = (
         isinstance(metrics, dict)
@@ -129,100 +128,33 @@ def _check_metrics(metrics: Any) -> None:
         raise AmrsegError("--metrics: not an eval-cam JSON (needs numeric 'miou', 'threshold' and an 'iou' dict)")
 
 
-def visualize(
-    cams_dir: Union[str, Path],
-    data: Any,
-    out_dir: Union[str, Path],
-    threshold: float,
-    limit: Optional[int] = None,
-    metrics: Optional[dict] = None,
-    progress: Optional[bool] = False,
-) -> tuple[Path, list[str]]:
-    """Writes one PNG panel per image and an index.html gallery.
+def cam_panel(img: np.ndarray, mask: Optional[np.ndarray], keys: np.ndarray, high_res: np.ndarray,
+              class_names: list, threshold: float, title: str) -> tuple[Image.Image, Optional[float]]:
+    """One image's panel and the mIoU of its prediction (None without a mask).
 
-    A panel shows: input | ground truth (grey if none) | one heat map overlay per class of the CAM
-    file, titled with the class name | prediction at `threshold`.
-
-    Args:
-        cams_dir: Directory of CAMS/<id>.npz files.
-        data: A SegData (ids, class_names, load_image(i), load_mask(i)).
-        out_dir: Output directory (created); panels go to out_dir/panels/<id>.png.
-        threshold: Background threshold of the prediction tile.
-        limit: Only the first `limit` images of the split.
-        metrics: The eval-cam JSON dict; adds the mIoU header, a per-class table and iou.png.
-        progress: Show a progress bar; None: only on a terminal.
-
-    Returns:
-        (path of index.html, warnings for the CLI to print, e.g. a skipped chart).
-
-    Raises:
-        AmrsegError: Missing or invalid CAM files, a CAM whose size differs from its image, a
-            malformed metrics dict.
+    The panel shows: input | ground truth (grey if none) | one heat map overlay per class of the
+    CAMs, titled with the class name | prediction at `threshold`.
     """
-    cams_dir, out_dir = Path(cams_dir), Path(out_dir)
-    if metrics is not None:
-        _check_metrics(metrics)
-    if limit is not None and limit < 0:
-        raise AmrsegError(f"--limit: must be 0 or more, got {limit}")
-    count = len(data) if limit is None else min(limit, len(data))
-    missing = [data.ids[i] for i in range(count) if not (cams_dir / f"{data.ids[i]}.npz").is_file()]
-    if missing:
-        raise AmrsegError(
-            f"{cams_dir / (missing[0] + '.npz')}: CAM file not found ({len(missing)} of {count} missing; "
-            "run or finish make-cam)"
-        )
-    panels_dir = out_dir / "panels"
-    panels_dir.mkdir(parents=True, exist_ok=True)
-    num_classes = len(data.class_names)
-    rows = []
-    for i in progress_bar(range(count), enabled=progress, desc="visualize", unit="img"):
-        image_id = data.ids[i]
-        path = cams_dir / f"{image_id}.npz"
-        arrays = load_cam(path)
-        keys, high_res = arrays["keys"], arrays["high_res"]
-        img = data.load_image(i)
-        if high_res.shape[1:] != img.shape[:2]:
-            raise AmrsegError(
-                f"{path}: CAM size {high_res.shape[1]}x{high_res.shape[2]} differs from the image size "
-                f"{img.shape[0]}x{img.shape[1]}"
-            )
-        if keys.size and keys[-1] >= num_classes - 1:
-            raise AmrsegError(f"{path}: class key {int(keys[-1])} beyond the {num_classes - 1} classes")
-        mask = data.load_mask(i)
-        pred = predict_labels(high_res, keys, threshold)
-        tiles = [_tile(img, image_id)]
-        if mask is None:
-            tiles.append(_tile(np.full_like(img, _BLANK), "no mask"))
-            score = None
-        else:
-            tiles.append(_tile(colorize(mask), "ground truth", nearest=True))
-            conf = confusion_matrix(torch.from_numpy(pred), torch.from_numpy(mask), num_classes)
-            score = iou_from_confusion(conf)[1].item()
-        for k, m in zip(keys, high_res):
-            tiles.append(_tile(overlay(img, heatmap(m)), data.class_names[k + 1]))
-        tiles.append(_tile(colorize(pred), f"prediction t={threshold:.2f}", nearest=True))
-        panel_path = panels_dir / f"{image_id}.png"
-        save_image(_panel(tiles), panel_path, format="PNG")
-        rows.append((image_id, score, panel_path.relative_to(out_dir)))
-
-    warnings = []
-    chart = False
-    if metrics is not None:
-        note = _iou_chart(out_dir / "iou.png", metrics)
-        chart = note is None
-        if note:
-            warnings.append(note)
-    index = out_dir / "index.html"
-    text = _index_html(cams_dir, rows, metrics, chart)
-    atomic_write(index, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-    return index, warnings
+    pred = predict_labels(high_res, keys, threshold)
+    tiles = [_tile(img, title)]
+    if mask is None:
+        tiles.append(_tile(np.full_like(img, _BLANK), "no mask"))
+        score = None
+    else:
+        tiles.append(_tile(colorize(mask), "ground truth", nearest=True))
+        conf = confusion_matrix(torch.from_numpy(pred), torch.from_numpy(mask), len(class_names))
+        score = iou_from_confusion(conf)[1].item()
+    for k, m in zip(keys, high_res):
+        tiles.append(_tile(overlay(img, heatmap(m)), class_names[k + 1]))
+    tiles.append(_tile(colorize(pred), f"prediction t={threshold:.2f}", nearest=True))
+    return _panel(tiles), score
 
 
 def _pct(v: Optional[float]) -> str:
     return "-" if v is None or v != v else f"{100 * v:.1f}"
 
 
-def _index_html(cams_dir: Path, rows: list, metrics: Optional[dict], chart: bool) -> str:
+def gallery_html(cams_dir: Path, rows: list, metrics: Optional[dict], chart: bool) -> str:
     """The gallery page: header (mIoU, per-class IoU table, chart) and one row per image."""
     out = [
         "<!doctype html>",

@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from amrseg.cam.infer import load_run  # noqa: E402
+from amrseg.runs import load_run  # noqa: E402
 from amrseg.cam.io import load_cam  # noqa: E402
 from amrseg.cli import main as amrseg  # noqa: E402
 from amrseg.data.emoji_scenes import PART_CONTEXT  # noqa: E402
@@ -61,7 +61,7 @@ def run(*args: str) -> None:
 
 def classifier_metrics(run_dir: Path, data) -> dict:
     """Multi-label mAP and exact-set accuracy of a train-cam run on the split (image + flip, full size)."""
-    model, _, _ = load_run(run_dir, torch.device("cpu"))
+    model = load_run(run_dir, "cam").model
     scores = []
     with torch.no_grad():
         for i in range(len(data)):

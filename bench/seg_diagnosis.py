@@ -23,11 +23,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from amrseg.cam.infer import InferConfig, _branch_maps, _fill_keys, load_run  # noqa: E402
+from amrseg.cam.infer import InferConfig, scale_batch  # noqa: E402
 from amrseg.data.transforms import normalize  # noqa: E402
 from amrseg.data.voc import open_dataset  # noqa: E402
 from amrseg.runtime import pick_device  # noqa: E402
-from amrseg.segment import evaluate_masks, load_seg_run, predict_probs  # noqa: E402
+from amrseg.runs import load_run  # noqa: E402
+from amrseg.segment import predict_probs  # noqa: E402
+from amrseg.stages.loop import score_masks as evaluate_masks  # noqa: E402
 
 
 def main() -> None:
@@ -40,7 +42,7 @@ def main() -> None:
     a = p.parse_args()
     device = pick_device("auto", 0)
     data = open_dataset(a.data, a.split)
-    model, _, _ = load_seg_run(Path(a.run), device)
+    model = load_run(Path(a.run), "seg", device).model
     scales = [float(s) for s in a.scales.split(",")]
     probs = {}
 
@@ -70,14 +72,12 @@ def main() -> None:
 
 def classification_row(run: Path, data, device: torch.device) -> str:
     """How well a train-cam run names the classes of the split's images (make-cam's rule for unlabelled images)."""
-    model, _, _ = load_run(run, device)
+    model = load_run(run, "cam", device).model
     exact = tp = fp = fn = 0
     for i in range(len(data)):
         x = normalize(data.load_image(i))[None].to(device)
-        with torch.inference_mode():
-            out = _branch_maps(model, torch.cat([x, x.flip(-1)]), "cam")
         keys = [None]
-        _fill_keys(out, keys, InferConfig())
+        scale_batch(model, x, keys, 1.0, InferConfig())  # fills keys with the predicted classes
         pred, gt = set(keys[0].tolist()), set(np.flatnonzero(data.labels[i]).tolist())
         exact += pred == gt
         tp, fp, fn = tp + len(pred & gt), fp + len(pred - gt), fn + len(gt - pred)

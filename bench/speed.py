@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from amrseg.cam.infer import InferConfig, _advcam_maps, cams_for_images, scale_pyramid, unit_peak  # noqa: E402
+from amrseg.cam.advcam import advcam_maps  # noqa: E402
+from amrseg.cam.infer import InferConfig, cams_for_images, scale_pyramid, unit_peak  # noqa: E402
 from amrseg.cam.io import save_cam  # noqa: E402
 from amrseg.cam.reference import release_cams  # noqa: E402
 from amrseg.config import load_preset, merge  # noqa: E402
@@ -228,14 +229,14 @@ def advcam_batched_vs_per_class(model, images, keys, index, icfg) -> tuple[float
         x = scale_pyramid(images[i], [1.0])[0].to(dtype)
         pairs[i] = torch.stack([x, x.flip(-1)])[None]
     t0 = now()
-    batched = [_advcam_maps(model, pairs[i].expand(len(keys[i]), -1, -1, -1, -1), keys[i], icfg.adv_steps, icfg)
+    batched = [advcam_maps(model, pairs[i].expand(len(keys[i]), -1, -1, -1, -1), keys[i], icfg.adv_steps, icfg)
                for i in index]
     t_b = now() - t0
     t0 = now()
     err = 0.0
     for i, bm in zip(index, batched):
         for j, c in enumerate(keys[i].tolist()):
-            one = _advcam_maps(model, pairs[i], torch.tensor([c]), icfg.adv_steps, icfg)
+            one = advcam_maps(model, pairs[i], torch.tensor([c]), icfg.adv_steps, icfg)
             for name in one:
                 err = max(err, (one[name][0] - bm[name][j]).abs().max().item())
     return t_b, now() - t0, err

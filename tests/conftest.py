@@ -1,19 +1,6 @@
-"""Shared test set-up: offline, CPU, small. Slow tests run with --runslow."""
+"""Shared test set-up: offline, CPU, small."""
 import pytest
 import torch
-
-
-def pytest_addoption(parser):
-    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
-
-
-def pytest_collection_modifyitems(config, items):
-    if config.getoption("--runslow"):
-        return
-    skip = pytest.mark.skip(reason="slow: run with --runslow (make test-all)")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from amrseg.errors import AmrsegError
-from amrseg.refine.affinity import (
-    affinity_loss,
+from amrseg.models.losses import affinity_loss
+from amrseg.models.affinity import (
     boundary_to_affinity,
     extract_pairs,
     path_points,

@@ -3,7 +3,7 @@ import argparse
 
 import pytest
 
-from amrseg.cli import _HelpFormatter, build_parser, main
+from amrseg.cli import build_parser, main
 
 
 def _commands():
@@ -39,7 +39,8 @@ def test_every_flag_has_help_with_its_default(name, action):
         return
     if not action.option_strings and action.nargs is None:  # a required positional
         return
-    shown = _HelpFormatter("amrseg")._get_help_string(action) % {"default": action.default}
+    formatter = _commands()[name].formatter_class("amrseg")  # the formatter `amrseg NAME --help` uses
+    shown = formatter._get_help_string(action) % {"default": action.default}
     assert "default" in shown.lower(), f"{name} {action.option_strings}: help does not show the default: {shown}"
 
 

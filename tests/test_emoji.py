@@ -363,12 +363,12 @@ def test_pretrain_backbone_emoji(emoji_art, tmp_path):
 
 
 def test_zero_init_residual_makes_every_block_the_identity():
-    from amrseg.engine.pretrain import _zero_init_residual
+    from amrseg.engine.pretrain import zero_init_residual
     from amrseg.models.resnet import build_resnet
 
     for name in ("resnet18", "resnet50"):
         model = build_resnet(name, 8, strides=(1, 2, 2, 2)).eval()
-        _zero_init_residual(model)
+        zero_init_residual(model)
         x = torch.randn(2, model.layer1[0].conv1.in_channels, 16, 16)
         for layer in (model.layer1, model.layer2):
             for block in layer:

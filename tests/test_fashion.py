@@ -322,3 +322,48 @@ def test_pretrain_backbone_fashion_keeps_its_recipe(fmnist_dir, tmp_path):
     assert summary["num_classes"] == 10 and summary["test_items"] == 20  # the fake t10k holds 20 items
     assert 0.0 <= summary["test_accuracy"] <= summary["test_top5"] <= 1.0
     assert torch.load(tmp_path / "w.pt", weights_only=True)["fc.weight"].shape == (10, 64)
+
+
+def _small_recipe(**overrides):
+    from amrseg.engine.pretrain import PretrainConfig
+
+    # 32 items in batches of 8: 4 steps per epoch, 8 in all.
+    values = dict(base_width=8, epochs=2, size=32, items=32, batch_size=8, num_workers=0, device="cpu")
+    return PretrainConfig.for_source("fashion", **{**values, **overrides})
+
+
+def test_pretrain_backbone_resumes_exactly(fmnist_dir, tmp_path):
+    from amrseg.engine.pretrain import pretrain_backbone
+
+    whole = pretrain_backbone(tmp_path / "a.pt", _small_recipe(), fmnist=str(fmnist_dir), show_progress=False)
+    run = tmp_path / "a.pt.run"  # the run folder beside the weights file
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "config.yaml", "log.csv", "model.pt"]
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 8
+    # Stopped in the middle of the first epoch: a checkpoint, no weights file yet.
+    out = tmp_path / "b.pt"
+    stopped = pretrain_backbone(out, _small_recipe(), fmnist=str(fmnist_dir), show_progress=False,
+                                stop_after_steps=3)
+    assert stopped["finished"] is False and stopped["step"] == 3 and not out.exists()
+    with pytest.raises(AmrsegError, match="already holds a run.*--resume"):
+        pretrain_backbone(out, _small_recipe(), fmnist=str(fmnist_dir), show_progress=False)
+    with pytest.raises(AmrsegError, match=r"differs from this command \(lr: 0.1 -> 0.2\)"):
+        pretrain_backbone(out, _small_recipe(lr=0.2), fmnist=str(fmnist_dir), show_progress=False, resume=True)
+    resumed = pretrain_backbone(out, _small_recipe(device="auto"), fmnist=str(fmnist_dir), show_progress=False,
+                                resume=True)
+    a, b = torch.load(tmp_path / "a.pt", weights_only=True), torch.load(out, weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["test_accuracy"] == whole["test_accuracy"] and resumed["test_top5"] == whole["test_top5"]
+    steps = [int(line.split(",")[0]) for line in (tmp_path / "b.pt.run" / "log.csv").read_text().splitlines()[1:]]
+    assert steps == [4, 8]  # each epoch's end (log_every 10), once: the resumed run repeats no row
+
+
+def test_pretrain_backbone_stops_at_the_first_non_finite_step(fmnist_dir, tmp_path):
+    from amrseg.engine.pretrain import pretrain_backbone
+
+    # An infinite lr: the first update leaves no weight finite.
+    with pytest.raises(AmrsegError) as err:
+        pretrain_backbone(tmp_path / "w.pt", _small_recipe(lr=float("inf")), fmnist=str(fmnist_dir),
+                          show_progress=False)
+    msg = str(err.value)
+    assert msg.startswith("step 1: ") and "not finite" in msg and "no checkpoint was written" in msg, msg
+    assert not (tmp_path / "w.pt").exists() and not (tmp_path / "w.pt.run" / "checkpoint.pt").exists()

@@ -141,20 +141,20 @@ def _fail_if_called(*args, **kwargs):
 
 
 @pytest.mark.parametrize("cmd, patch", [
-    (["pretrain-backbone", "--out", "{file}/w.pt"], "amrseg.engine.pretrain.pretrain_backbone"),
+    (["pretrain-backbone", "--out", "{file}/w.pt"], "amrseg.stages.pretrain_backbone.pretrain_backbone"),
     (["eval-cam", "--cams", "{tmp}", "--data", "{tmp}", "--split", "val", "--out", "{file}/m.json"],
-     "amrseg.eval.eval_cam.evaluate_cams"),
+     "amrseg.stages.eval_cam.evaluate_cams"),
     (["eval-cam", "--cams", "{tmp}", "--data", "{tmp}", "--split", "val", "--out", "{tmp}"],
-     "amrseg.eval.eval_cam.evaluate_cams"),
-    (["make-cam", "--run", "{tmp}", "--data", "{tmp}", "--out", "{file}"], "amrseg.cam.infer.make_cams"),
-    (["visualize", "--cams", "{tmp}", "--data", "{tmp}", "--split", "val", "--out", "{file}"], "amrseg.viz.visualize"),
+     "amrseg.stages.eval_cam.evaluate_cams"),
+    (["make-cam", "--run", "{tmp}", "--data", "{tmp}", "--out", "{file}"], "amrseg.stages.make_cam.load_run"),
+    (["visualize", "--cams", "{tmp}", "--data", "{tmp}", "--split", "val", "--out", "{file}"], "amrseg.stages.visualize.draw_gallery"),
     (["pseudo-labels", "--cams", "{tmp}", "--data", "{tmp}", "--split", "val", "--method", "crf", "--out", "{file}"],
-     "amrseg.refine.pseudo_labels.make_pseudo_labels"),
-    (["predict", "--run", "{tmp}", "--input", "{tmp}", "--out", "{file}"], "amrseg.segment.predict"),
+     "amrseg.stages.pseudo_labels.open_dataset"),
+    (["predict", "--run", "{tmp}", "--input", "{tmp}", "--out", "{file}"], "amrseg.stages.predict.load_run"),
     (["eval-seg", "--pred", "{tmp}", "--data", "{tmp}", "--split", "val", "--out", "{file}/m.json"],
-     "amrseg.segment.eval_pred_dir"),
+     "amrseg.stages.eval_seg.open_dataset"),
     (["train-cam", "--data", "{tmp}", "--split", "train", "--preset", "cam", "--out", "{file}",
-      "--device", "cpu"], "amrseg.engine.train_cam.open_dataset"),
+      "--device", "cpu"], "amrseg.engine.train.open_dataset"),
 ])
 def test_a_bad_output_is_refused_before_the_work(tmp_path, monkeypatch, capsys, cmd, patch):
     f = tmp_path / "file"
@@ -168,7 +168,7 @@ def test_a_bad_output_is_refused_before_the_work(tmp_path, monkeypatch, capsys, 
 
 
 def test_eval_cam_device_is_a_choice_checked_before_the_work(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(__import__("amrseg.eval.eval_cam", fromlist=["x"]), "evaluate_cams", _fail_if_called)
+    monkeypatch.setattr(__import__("amrseg.stages.eval_cam", fromlist=["x"]), "evaluate_cams", _fail_if_called)
     with pytest.raises(SystemExit) as e:
         main(["eval-cam", "--cams", str(tmp_path), "--data", str(tmp_path), "--split", "val", "--device", "gpu"])
     assert e.value.code == 2
@@ -232,7 +232,7 @@ def _touch(path, age_s: float):
 
 
 def test_which_temporary_files_are_stale(tmp_path):
-    host, start = fileio._HOST, time.time()
+    host, start = fileio.HOST, time.time()
     dead, alive = _dead_pid(), os.getpid()
     stale = _touch(tmp_path / f".a.npz.{dead}-{host}-abcd_123.tmp", 60)
     live_writer = _touch(tmp_path / f".b.npz.{os.getppid()}-{host}-abcd_123.tmp", 60)
@@ -279,7 +279,7 @@ def test_kill_9_during_a_write_then_the_next_run_cleans_up(tmp_path):
 
 def test_clean_stale_temps_leaves_other_files(tmp_path, monkeypatch):
     monkeypatch.setattr(fileio, "PROCESS_START", time.time())
-    stale = _touch(tmp_path / f".x.png.{_dead_pid()}-{fileio._HOST}-abcdefgh.tmp", 60)
+    stale = _touch(tmp_path / f".x.png.{_dead_pid()}-{fileio.HOST}-abcdefgh.tmp", 60)
     keep = [_touch(tmp_path / "x.png", 60), _touch(tmp_path / ".hidden", 60), _touch(tmp_path / "y.tmp", 60)]
     assert clean_stale_temps(tmp_path) == [stale]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in keep)

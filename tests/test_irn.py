@@ -8,12 +8,12 @@ import torch
 import yaml
 
 from amrseg.cli import main
-from amrseg.config import Config, IRNConfig, IRNModelConfig, merge, resolve_irn, to_dict
+from amrseg.config import Config, IRNConfig, IRNModelConfig, merge, resolve, to_dict
 from amrseg.data.voc import open_dataset, write_palette_png
 from amrseg.errors import AmrsegError
-from amrseg.models.irn import IRN, build_irn, irn_loss
-from amrseg.refine.affinity import (
-    displacement_loss,
+from amrseg.models.irn import IRN, build_irn
+from amrseg.models.losses import displacement_loss, irn_loss
+from amrseg.models.affinity import (
     extract_pairs,
     pair_values,
     search_offsets,
@@ -143,7 +143,7 @@ def _train_irn(root, labels, out, extra=()):
 
 
 def test_train_irn_runs_and_resumes_exactly(tiny_voc, tmp_path, capsys):
-    from amrseg.engine.train_irn import train_irn
+    from amrseg.engine.train import train as train_irn
 
     labels = write_ir_labels(tiny_voc, "train", tmp_path / "ir")
     full, part = tmp_path / "full", tmp_path / "part"
@@ -166,7 +166,7 @@ def test_train_irn_runs_and_resumes_exactly(tiny_voc, tmp_path, capsys):
              "cams": str((tiny_voc / "cams").resolve()),
              "model": {"backbone": "resnet18", "base_width": 8, "pretrained": "none"},
              "train": {"epochs": 1, "batch_size": 4, "device": "cpu"}, "data": {"crop": 32}}
-    cfg = resolve_irn(flags, ["model.radius=3", "train.num_workers=0", "train.log_every=1"])
+    cfg = resolve(IRNConfig(), flags, ["model.radius=3", "train.num_workers=0", "train.log_every=1"])
     assert train_irn(cfg, part, stop_after_steps=1)["finished"] is False
     capsys.readouterr()
     assert _train_irn(tiny_voc, labels, part) == 2  # an existing run needs --resume

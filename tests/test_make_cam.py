@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from amrseg.cam.infer import (InferConfig, _advcam_maps, adv_steps_at, cams_for_images, gradcam_from_scores,
-                              gradcam_maps, scale_pyramid, unit_peak)
+from amrseg.cam.advcam import adv_steps_at, advcam_maps
+from amrseg.cam.infer import InferConfig, cams_for_images, scale_pyramid, unit_peak
+from amrseg.cam.methods import gradcam_from_scores, gradcam_maps
 from amrseg.cam.io import load_cam
 from amrseg.cam.reference import release_cams
 from amrseg.cli import main
@@ -212,13 +213,13 @@ def test_advcam_all_classes_in_one_batch_equal_one_class_at_a_time():
     x = scale_pyramid(_images(1, 32, 32)[0], [1.0])[0].double()
     pair = torch.stack([x, x.flip(-1)])[None]
     k = torch.tensor([0, 2, 3])
-    batched = _advcam_maps(model, pair.expand(3, -1, -1, -1, -1), k, 4, icfg)
+    batched = advcam_maps(model, pair.expand(3, -1, -1, -1, -1), k, 4, icfg)
     for j, c in enumerate(k.tolist()):
-        one = _advcam_maps(model, pair, torch.tensor([c]), 4, icfg)
+        one = advcam_maps(model, pair, torch.tensor([c]), 4, icfg)
         for name in one:
             torch.testing.assert_close(one[name][0], batched[name][j], atol=1e-10, rtol=1e-8)
     # T maps: one step gives exactly the Grad-CAM of the input; climbing accumulates more
-    single = _advcam_maps(model, pair.expand(3, -1, -1, -1, -1), k, 1, icfg)
+    single = advcam_maps(model, pair.expand(3, -1, -1, -1, -1), k, 1, icfg)
     for name, branch in model.branches():
         with torch.no_grad():
             gc = gradcam_maps(branch.features(pair[0]).unsqueeze(0), branch.classifier.weight.flatten(1))[0]
@@ -231,11 +232,11 @@ def test_advcam_climb_per_branch_or_joint():
     x = scale_pyramid(_images(1, 32, 32)[0], [1.0])[0].double()
     pair = torch.stack([x, x.flip(-1)])[None]
     one = _model("cam", torch.float64)  # one branch: the two climbs are the same
-    torch.testing.assert_close(_advcam_maps(one, pair, torch.tensor([1]), 4, icfg)["spotlight"],
-                               _advcam_maps(one, pair, torch.tensor([1]), 4, InferConfig(adv_climb="joint"))["spotlight"])
+    torch.testing.assert_close(advcam_maps(one, pair, torch.tensor([1]), 4, icfg)["spotlight"],
+                               advcam_maps(one, pair, torch.tensor([1]), 4, InferConfig(adv_climb="joint"))["spotlight"])
     two = _model("amr", torch.float64)
-    branch = _advcam_maps(two, pair, torch.tensor([1]), 4, icfg)
-    joint = _advcam_maps(two, pair, torch.tensor([1]), 4, InferConfig(adv_climb="joint"))
+    branch = advcam_maps(two, pair, torch.tensor([1]), 4, icfg)
+    joint = advcam_maps(two, pair, torch.tensor([1]), 4, InferConfig(adv_climb="joint"))
     assert (branch["compensation"] - joint["compensation"]).abs().max() > 1e-6
 
 
@@ -356,10 +357,10 @@ def test_a_rerun_with_other_settings_is_refused_and_overwrite_remakes(tiny_voc, 
 
 
 def test_a_file_not_written_fails_the_run_loudly(tiny_voc, trained_run, tmp_path, capsys, monkeypatch):
-    import amrseg.cam.infer as infer
+    import amrseg.stages.make_cam as stage
 
-    real = infer.save_cam
-    monkeypatch.setattr(infer, "save_cam", lambda path, **kw: None if path.name.endswith("_001.npz") else
+    real = stage.save_cam
+    monkeypatch.setattr(stage, "save_cam", lambda path, **kw: None if path.name.endswith("_001.npz") else
                         real(path, **kw))
     cams = tmp_path / "cams"
     assert main(["make-cam", "--run", str(trained_run), "--data", str(tiny_voc), "--split", "val", "--out",

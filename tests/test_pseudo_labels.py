@@ -11,14 +11,14 @@ from amrseg.cam.io import save_cam
 from amrseg.cli import main
 from amrseg.config import Config, to_dict
 from amrseg.data.voc import open_dataset, read_mask, write_palette_png
-from amrseg.refine.affinity import search_offsets
+from amrseg.models.affinity import search_offsets
 from amrseg.refine.crf import ir_label
 from amrseg.refine.pseudo_labels import strided_cams
 from amrseg.refine.random_walk import (
     affinity_coo,
     random_walk,
+    dense_affinity,
     random_walk_sparse,
-    sparse_affinity,
     walk,
 )
 
@@ -145,11 +145,11 @@ def test_sparse_random_walk_equals_the_dense_reference():
     aff = torch.rand(len(offsets), h, w, generator=gen)
     coo = affinity_coo(aff, offsets)
     assert coo.is_sparse and coo._nnz() < h * w * (2 * len(offsets) + 1)  # out-of-grid pairs dropped
-    torch.testing.assert_close(coo.to_dense(), sparse_affinity(aff, offsets))
+    torch.testing.assert_close(coo.to_dense(), dense_affinity(aff, offsets))
     cams = torch.rand(3, h, w, generator=gen)
     for exp_times in (0, 4):
         torch.testing.assert_close(random_walk_sparse(cams, coo, 10.0, exp_times),
-                                   random_walk(cams, sparse_affinity(aff, offsets), 10.0, exp_times, squaring=False))
+                                   random_walk(cams, dense_affinity(aff, offsets), 10.0, exp_times, squaring=False))
     boundary = torch.rand(h, w, generator=gen) * 0.6
     kw = dict(radius=5, beta=10.0, exp_times=6, cam_power=1.5)
     torch.testing.assert_close(walk(cams, boundary, sparse=True, **kw),
@@ -227,7 +227,7 @@ def test_irn_pseudo_masks_match_a_slow_reading_of_irn(tiny_voc, tmp_path, capsys
     from irn_reference import irn_boundary, sem_seg_label
 
     from amrseg.data.transforms import normalize
-    from amrseg.models.irn import load_irn
+    from amrseg.runs import load_run
 
     _odd_sizes(tiny_voc, "val")
     cams = write_cams(tiny_voc, "val", tmp_path / "cams", method="advcam", strided=True)
@@ -241,7 +241,7 @@ def test_irn_pseudo_masks_match_a_slow_reading_of_irn(tiny_voc, tmp_path, capsys
     s = json.loads(captured.out.strip().splitlines()[-1])
     assert (s["cam_method"], s["cam_power"], s["cams_resized"]) == ("advcam", 1.5, 0)  # AMR's pair
     assert "warning" not in captured.err
-    model, _, _ = load_irn(run, torch.device("cpu"))
+    model = load_run(run, "irn").model
     data = open_dataset(tiny_voc, "val")
     equal = total = mixed = 0
     sizes = set()
@@ -264,7 +264,7 @@ def test_cam_power_follows_the_thresholds_of_the_cam_method(tiny_voc, tmp_path, 
     from amrseg.refine.crf import DEFAULT_THRESHOLDS
     from amrseg.refine.pseudo_labels import default_cam_power
 
-    assert {m: (DEFAULT_THRESHOLDS[m], default_cam_power(m)) for m in DEFAULT_THRESHOLDS} == {
+    assert {m: (DEFAULT_THRESHOLDS[m], default_cam_power(m)) for m in ("cam", "gradcam", "advcam")} == {
         "cam": ((0.30, 0.05), 1.0), "gradcam": ((0.30, 0.05), 1.0), "advcam": ((0.60, 0.33), 1.5)}
     cams = write_cams(tiny_voc, "val", tmp_path / "cams", method="cam", strided=True)
     run = _irn_run(tiny_voc, tmp_path, cams)
@@ -334,12 +334,12 @@ def test_bad_input_is_one_line(tiny_voc, tmp_path, capsys):
 def test_inactive_classes_are_read_as_no_evidence(tmp_path):
     # make-cam gives a class the classifier activates nowhere a one-pixel peak (so the map peaks at
     # 1) and active=False; the random walk would grow the peak into a blob, so pseudo-labels reads 0.
-    from amrseg.refine.pseudo_labels import _checked_cam
+    from amrseg.refine.pseudo_labels import checked_cam
 
     peak = np.zeros((2, 6, 5), np.float32)
     peak[0, 1:4, 1:3] = 1.0
     peak[1, 5, 4] = 1.0
     path = save_cam(tmp_path / "x.npz", np.array([0, 2]), peak, active=np.array([True, False]))
-    cam = _checked_cam(path, (6, 5), num_classes=3)
+    cam = checked_cam(path, (6, 5), num_classes=3)
     np.testing.assert_array_equal(cam["high_res"][0], peak[0])
     assert not cam["high_res"][1].any()

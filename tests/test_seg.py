@@ -12,7 +12,8 @@ from PIL import Image
 from amrseg.cli import main
 from amrseg.config import SegModelConfig
 from amrseg.data.voc import read_mask, write_palette_png
-from amrseg.models.deeplab import DeepLabV2, segmentation_loss
+from amrseg.models.deeplab import DeepLabV2
+from amrseg.models.losses import segmentation_loss
 
 SMALL = ["--backbone", "resnet18", "--base-width", "8", "--pretrained", "none", "--crop", "32",
          "--batch-size", "4", "--device", "cpu", "--lr", "0.01", "--set", "train.num_workers=0",
@@ -78,8 +79,8 @@ def seg_run(tmp_path_factory):
 
 
 def test_train_seg_writes_a_seg_run_and_resumes_exactly(seg_run, tmp_path):
-    from amrseg.config import resolve_run
-    from amrseg.engine.train_seg import train_seg
+    from amrseg.config import SegConfig, resolve
+    from amrseg.engine.train import train as train_seg
 
     root, labels, run = seg_run
     state = torch.load(run / "model.pt", weights_only=True)
@@ -87,7 +88,7 @@ def test_train_seg_writes_a_seg_run_and_resumes_exactly(seg_run, tmp_path):
     flags = {"data_root": str(root.resolve()), "split": "train", "labels": str(labels.resolve()),
              "model": {"backbone": "resnet18", "base_width": 8, "pretrained": "none"},
              "train": {"epochs": 3, "batch_size": 4, "device": "cpu", "lr": 0.01}, "data": {"crop": 32}}
-    cfg = resolve_run("seg", flags, ["train.num_workers=0", "train.log_every=1"])
+    cfg = resolve(SegConfig(), flags, ["train.num_workers=0", "train.log_every=1"])
     part = tmp_path / "part"
     assert train_seg(cfg, part, stop_after_steps=3)["finished"] is False
     assert train_seg(cfg, part, resume=True)["finished"] is True

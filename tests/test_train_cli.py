@@ -41,7 +41,7 @@ def test_two_step_run_writes_the_contract_files(tiny_voc, tmp_path, capsys):
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_voc, tmp_path):
     from amrseg.config import resolve
-    from amrseg.engine.train_cam import train_cam
+    from amrseg.engine.train import train as train_cam
 
     full, part = tmp_path / "full", tmp_path / "part"
     assert _train(tiny_voc, full, epochs=2) == 0
@@ -257,7 +257,7 @@ def _cam_cfg(tiny_voc, extra=(), epochs=1, batch_size=1):
 
 
 def test_checkpoint_every_n_steps(tiny_voc, tmp_path, monkeypatch):
-    from amrseg.engine.train_cam import train_cam
+    from amrseg.engine.train import train as train_cam
 
     steps = _saved_steps(monkeypatch)
     # 8 images, batch 1: 8 steps per epoch; every 3 steps, plus each epoch's end.
@@ -268,7 +268,7 @@ def test_checkpoint_every_n_steps(tiny_voc, tmp_path, monkeypatch):
 
 def test_checkpoint_every_ten_minutes_of_wall_time(tiny_voc, tmp_path, monkeypatch):
     import amrseg.engine.trainer as trainer
-    from amrseg.engine.train_cam import train_cam
+    from amrseg.engine.train import train as train_cam
 
     steps = _saved_steps(monkeypatch)
     now = [0.0]
@@ -277,7 +277,7 @@ def test_checkpoint_every_ten_minutes_of_wall_time(tiny_voc, tmp_path, monkeypat
         now[0] += 240.0
         return now[0]
 
-    monkeypatch.setattr(trainer, "_clock", clock)
+    monkeypatch.setattr(trainer, "clock", clock)
     train_cam(_cam_cfg(tiny_voc), tmp_path / "a")  # default: train.checkpoint_minutes=10
     # start t=240; step k looks at 240 + 240 k until >= 600 s have passed: steps 3 and 6 (the
     # save itself looks once more), and the epoch's end at 8.

@@ -10,7 +10,8 @@ from amrseg.cam.io import save_cam
 from amrseg.data.voc import SegData, write_palette_png
 from amrseg.errors import AmrsegError
 from amrseg.eval.metrics import confusion_matrix, sweep_confusion
-from amrseg.viz import TITLE_H, colorize, heatmap, overlay, predict_labels, visualize
+from amrseg.stages.visualize import draw_gallery as visualize
+from amrseg.viz import TITLE_H, colorize, heatmap, overlay, predict_labels
 
 
 def test_colorize_voc_palette():

@@ -12,23 +12,14 @@ and several images share it. The pairs are interleaved (image, flip, image, flip
 an AMM with eval_stats 'pair' (amr-official) takes its statistics over each image and its flip,
 as the release's batch of two, and batched inference equals one image at a time.
 
-Three methods share everything but how a branch's map is read off its final feature map F:
-- cam: ReLU(W_c . F)                                (the CAM of AMR.md section 1)
-- gradcam: the release's Grad-CAM: ReLU(sum_k a_k F_k), a_k = (sum over positions of dS/dF_k) / P,
-  S = the sum of the class's ReLU CAM over the image and its flip, P = ONE count, the positive
-  entries of the pair's whole gradient tensor. With a linear head dS/dF_k(h, w) = W_ck [W_c . F > 0],
-  so the map is the ReLU CAM times |mask| / P: computed in closed form, without a backward pass
-  (checked against autograd and against cam/reference.py in the tests).
-- advcam: the release's AdvCAM: per branch, the Grad-CAM maps of the T inputs of T - 1 steps of
-  anti-adversarial climbing (all of an image's classes climb as one batch, one pair of rows each).
+The methods (cam/methods.py: CAM_METHODS; cam, gradcam, advcam) share everything here; each says
+only how a branch's maps are read off the network at one scale (CamMethod.maps), and this module
+names none of them.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -36,26 +27,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..config import Config, merge
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ..data.voc import SegData, image_size, list_images, open_dataset
-from ..fileio import load_torch
-from ..runtime import init_distributed, pick_device, progress
-from ..errors import AmrsegError
-from ..fileio import write_text
+from ..data.voc import SegData, image_size
 from ..models.amr import AMRNet
-from ..outputs import claim_folder, file_identity
-from .io import fuse, normalise_max, save_cam
+from .io import fuse, normalise_max
+from .methods import ScaleBatch, cam_method, pair_sum
 
 _MEAN64, _STD64 = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
-METHODS = ("cam", "gradcam", "advcam")
-CLIMBS = ("branch", "joint")
-CAMS_META = "cams.json"  # CAMS/cams.json: {"method", "run", "scales", "xi"} (+ advcam's settings)
 
 
 @dataclass
 class InferConfig:
-    method: str = "cam"  # cam | gradcam | advcam
+    method: str = "cam"  # a name of cam.methods.CAM_METHODS: cam | gradcam | advcam
     scales: list = field(default_factory=lambda: [1.0, 0.5, 1.5, 2.0])
     xi: float = 0.5  # weight of the spotlight CAM in the fused map
     batch_size: int = 8  # images per forward pass where their sizes are equal
@@ -70,26 +53,6 @@ class InferConfig:
     overwrite: bool = False  # remove the CAM files already in OUT first, even those of other settings
 
 
-def load_run(run: Path, device: torch.device) -> tuple[AMRNet, Config, list[str]]:
-    """The trained network of a train-cam run directory (RUN/model.pt), in eval mode."""
-    run = Path(run)
-    if not run.is_dir():
-        raise AmrsegError(f"--run {run}: not a directory")
-    state = load_torch(run / "model.pt", "trained model (is the run finished? resume it with train-cam --resume)")
-    if "state_dict" not in state or "config" not in state:
-        raise AmrsegError(f"{run / 'model.pt'}: not a train-cam model file (no state_dict/config)")
-    cfg = merge(Config(), state["config"])
-    # The weights come from model.pt: build without pretrained loading or spotlight initialisation.
-    build_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained="none", init_spotlight=None))
-    class_names = list(state.get("class_names") or [])
-    model = AMRNet(build_cfg.model, build_cfg.amm, num_classes=len(class_names) - 1)
-    try:
-        model.load_state_dict(state["state_dict"])
-    except RuntimeError as e:
-        raise AmrsegError(f"{run / 'model.pt'}: weights do not fit the saved config ({str(e).splitlines()[0]})") from None
-    return model.to(device).eval(), cfg, class_names
-
-
 # --------------------------------------------------------------------------- per-branch maps
 
 
@@ -99,7 +62,7 @@ def scale_pyramid(image: np.ndarray, scales: Sequence[float]) -> list[torch.Tens
     The uint8 image is resized with PIL bicubic (antialiased when shrinking) before normalisation;
     a scale that keeps the size keeps the image. The normalisation is computed in float64 and
     rounded once to float32, as the release's: the climb of advcam turns a last-bit difference of
-    the input into visible differences of its maps (up to 0.1 on random weights, 27 steps).
+    the input into visible differences of its maps (NOTES.md, make-cam geometry).
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an HxWx3 uint8 image, got {image.dtype} {image.shape}")
@@ -113,152 +76,41 @@ def scale_pyramid(image: np.ndarray, scales: Sequence[float]) -> list[torch.Tens
     return out
 
 
-def gradcam_from_scores(raw: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The release's Grad-CAM of every class, from the raw class scores of image + flip pairs.
+def pair_forward(model: AMRNet, pairs: torch.Tensor
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The one forward of image + flip pairs [B, 2, 3, h, w] that serves every CAM method.
 
-    Args:
-        raw: W . F [B, 2, K, h, w]: axis 1 is the pair (an image and its flip).
-        weight: classifier weight W [K, C] (1x1 conv, no bias).
-    Returns:
-        [B, 2, K, h, w] = ReLU(W_c . F) * |mask_n| / (P + 1e-12), mask_n = {W_c . F_n > 0} and
-        P = (|mask_0| + |mask_1|) * #{k: W_ck > 0}: the positive entries of the gradient of
-        S = sum over the pair of the ReLU CAM, dS/dF_nk(h, w) = W_ck mask_n(h, w).
+    The network sees the pairs interleaved (image, flip, image, flip, ...): an AMM with eval_stats
+    'pair' takes its statistics over each image and its flip. Returns, per branch, the final feature
+    maps F [B, 2, C, h', w'], the raw class scores W . F [B, 2, K, h', w'] (before any ReLU: the
+    fallback of a class no method activates, see cams_for_batch) and the logits W . GAP(F) [B, 2, K].
     """
-    count = (raw > 0).sum(dim=(-2, -1)).to(raw.dtype)  # |mask_n| [B, 2, K]
-    p = count.sum(dim=1, keepdim=True) * (weight > 0).sum(dim=1).to(raw.dtype)  # P [B, 1, K]
-    return F.relu(raw) * (count / (p + 1e-12))[..., None, None]
-
-
-def gradcam_maps(feat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Grad-CAM of every class from the final feature maps F [B, 2, C, h, w] of image + flip pairs."""
-    return gradcam_from_scores(torch.einsum("kc,bnchw->bnkhw", weight, feat), weight)
-
-
-def _pairs_first(t: torch.Tensor) -> torch.Tensor:
-    """[images; flips] (2B rows) -> [image 0, flip 0, image 1, flip 1, ...]."""
-    return t.unflatten(0, (2, -1)).transpose(0, 1).flatten(0, 1)
-
-
-def _halves_first(t: torch.Tensor) -> torch.Tensor:
-    """The inverse of _pairs_first."""
-    return t.unflatten(0, (-1, 2)).transpose(0, 1).flatten(0, 1)
-
-
-def _branch_maps(model: AMRNet, x: torch.Tensor, method: str
-                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """{branch: (maps [2B, K, h, w], logits [2B, K], raw class scores W . F [2B, K, h, w])}.
-
-    x is [images; their flips] (2B rows), and so are the outputs. The network sees the pairs
-    interleaved (the AMMs' 'pair' statistics groups). maps are the method's (cam: ReLU(W . F);
-    gradcam: the release's Grad-CAM of each image with its flip); the raw scores, before the ReLU,
-    are the fallback of a class whose maps are 0 everywhere (see cams_for_batch).
-    """
-    feats = model.branch_features(_pairs_first(x))
-    out = {}
+    feats = model.branch_features(pairs.flatten(0, 1))
+    features, scores, logits = {}, {}, {}
     for name, branch in model.branches():
         f = feats[name]
         w = branch.classifier.weight.flatten(1)
-        raw = torch.einsum("kc,nchw->nkhw", w, f)
-        maps = F.relu(raw) if method == "cam" else gradcam_from_scores(raw.unflatten(0, (-1, 2)), w).flatten(0, 1)
-        logits = torch.einsum("kc,nc->nk", w, f.mean(dim=(2, 3)))
-        out[name] = (_halves_first(maps), _halves_first(logits), _halves_first(raw))
-    return out
+        features[name] = f.unflatten(0, (-1, 2))
+        scores[name] = torch.einsum("kc,nchw->nkhw", w, f).unflatten(0, (-1, 2))
+        logits[name] = torch.einsum("kc,nc->nk", w, f.mean(dim=(2, 3))).unflatten(0, (-1, 2))
+    return features, scores, logits
 
 
-def adv_steps_at(scale: float, steps: int) -> int:
-    """AdvCAM's T at a scale: the release halves it at scale 0.5 (T > 10: T // 2; 6..10: 5; below 6: T)."""
-    if scale != 0.5 or steps < 6:
-        return steps
-    return steps // 2 if steps > 10 else 5
-
-
-def _advcam_maps(model: AMRNet, pairs: torch.Tensor, cls: torch.Tensor, steps: int, icfg: InferConfig
-                 ) -> dict[str, torch.Tensor]:
-    """AdvCAM maps of one image for several classes: anti-adversarial climbing on image + flip pairs.
-
-    Args:
-        pairs: [R, 2, 3, h, w]: row r is an image and its flip, climbing for class cls[r].
-        cls: [R] the class of each row.
-        steps: T, the number of maps per row (T - 1 climbing steps).
-    Returns:
-        {branch: [R, h', w']}: the sum of the T Grad-CAM maps R_t (image + flipped-back flip).
-        icfg.adv_climb 'branch' (the release) climbs once per branch, each on its own objective;
-        'joint' climbs once on the sum of the branches' objectives.
-    """
-    names = [name for name, _ in model.branches()]
-    groups = [[name] for name in names] if icfg.adv_climb == "branch" else [names]
-    out: dict[str, torch.Tensor] = {}
-    for group in groups:
-        out.update(_climb(model, pairs, cls, steps, icfg, group))
-    return out
-
-
-def _climb(model: AMRNet, pairs: torch.Tensor, cls: torch.Tensor, steps: int, icfg: InferConfig,
-           names: list[str]) -> dict[str, torch.Tensor]:
-    """One climb of the rows `pairs`, ascending the sum of the objectives of the branches `names`.
-
-    Per branch and row: J = sum over the pair of (logit_c - sum of the other logits) - mask_weight *
-    sum(|R_t - R_0| where R_t / max R_t > mask_threshold), with logits = GAP of the ReLU CAM and R_t the
-    release's Grad-CAM (its weights held constant, as the release's hooked gradients). A step adds
-    step_size * grad / max|grad| over the pair and clamps to the pair's current min and max.
-    """
-    branches = dict(model.branches())
-    R = len(cls)
-    rows = torch.arange(R, device=pairs.device)
-    others = torch.ones(R, 1, model_num_classes(model), device=pairs.device, dtype=pairs.dtype)
-    others[rows, 0, cls] = 0
-    x = pairs.flatten(0, 1).detach().clone()  # [2R, 3, h, w]: image, flip, image, flip, ...
-    acc: dict[str, torch.Tensor] = {}
-    r0: dict[str, torch.Tensor] = {}
-    for t in range(steps):
-        climb = t < steps - 1  # the last map needs no step after it
-        x.requires_grad_(climb)
-        with torch.set_grad_enabled(climb):
-            objective = x.new_zeros(())
-            for name in names:
-                branch = branches[name]
-                w = branch.classifier.weight.flatten(1)
-                raw = torch.einsum("kc,nchw->nkhw", w, branch.features(x)).unflatten(0, (R, 2))  # [R, 2, K, h, w]
-                raw_c = raw[rows, :, cls]  # [R, 2, h, w]
-                with torch.no_grad():
-                    count = (raw_c > 0).sum(dim=(-2, -1)).to(raw.dtype)  # |mask_n| [R, 2]
-                    p = count.sum(1, keepdim=True) * (w[cls] > 0).sum(1, keepdim=True).to(raw.dtype)
-                    scale = count / (p + 1e-12)
-                gc = F.relu(raw_c) * scale[..., None, None]
-                region = gc[:, 0] + gc[:, 1].flip(-1)  # R_t [R, h, w]
-                acc[name] = acc.get(name, 0) + region.detach()
-                if t == 0:
-                    r0[name] = region.detach()
-                if not climb:
-                    continue
-                logits = F.relu(raw).mean(dim=(-2, -1))  # [R, 2, K]
-                j = logits[rows, :, cls].sum(1) - (logits * others).sum(dim=(1, 2))
-                with torch.no_grad():
-                    peak = region.amax(dim=(-2, -1), keepdim=True)
-                    mask = (region / torch.where(peak > 0, peak, torch.ones_like(peak)) > icfg.adv_mask_threshold) \
-                        & (peak > 0)
-                j = j - icfg.adv_mask_weight * ((region - r0[name]).abs() * mask).sum(dim=(-2, -1))
-                objective = objective + j.sum()
-        if not climb:
-            break
-        (grad,) = torch.autograd.grad(objective, x)
-        with torch.no_grad():
-            g, xp = grad.unflatten(0, (R, 2)), x.detach().unflatten(0, (R, 2))
-            span = (1, 2, 3, 4)  # over the pair: image and flip together
-            g_max = g.abs().amax(dim=span, keepdim=True)
-            lo, hi = xp.amin(dim=span, keepdim=True), xp.amax(dim=span, keepdim=True)
-            x = torch.max(torch.min(xp + icfg.adv_step_size * g / (g_max + 1e-12), hi), lo).flatten(0, 1)
-    return acc
-
-
-def model_num_classes(model: AMRNet) -> int:
-    return model.spotlight.classifier.weight.shape[0]
+def scale_batch(model: AMRNet, x: torch.Tensor, keys: list[Optional[torch.Tensor]], scale: float,
+                icfg: InferConfig) -> ScaleBatch:
+    """What a CAM method gets at one scale: images x [B, 3, h, w] with their flips, the gradient-free
+    forward of the pairs, and the keys, where they are None filled in place with the predicted classes."""
+    pairs = torch.stack([x, x.flip(-1)], dim=1)
+    with torch.inference_mode():
+        features, scores, logits = pair_forward(model, pairs)
+    fill_keys(logits, keys, icfg)
+    return ScaleBatch(pairs=pairs, features=features, scores=scores, keys=list(keys), scale=scale, options=icfg)
 
 
 # --------------------------------------------------------------------------- batching
 
 
-class _ImageSet(torch.utils.data.Dataset):
+class ImageSet(torch.utils.data.Dataset):
     """(scale pyramid, (H, W), index) of each image: the resizing runs in the loader's workers."""
 
     def __init__(self, data: SegData, index: list[int], scales: Sequence[float]):
@@ -273,7 +125,7 @@ class _ImageSet(torch.utils.data.Dataset):
         return scale_pyramid(image, self.scales), torch.tensor(image.shape[:2]), i
 
 
-def _size_batches(data: SegData, index: list[int], batch_size: int) -> list[list[int]]:
+def size_batches(data: SegData, index: list[int], batch_size: int) -> list[list[int]]:
     """Positions into `index` grouped by image size (from the headers), at most batch_size each."""
     groups: dict[tuple, list[int]] = {}
     for j, i in enumerate(index):
@@ -327,31 +179,18 @@ def cams_for_batch(model: AMRNet, pyramid: list[torch.Tensor], size: tuple[int, 
         for res, v in (("hi", hi), ("lo", lo)):
             total[res, name] = total.get((res, name), 0) + v
 
+    method = cam_method(icfg.method)
     order = sorted(range(len(icfg.scales)), key=lambda i: icfg.scales[i] != 1.0)  # 1.0 decides unlabelled keys
     for i in order:
-        x = pyramid[i]
-        with torch.inference_mode():
-            out = _branch_maps(model, torch.cat([x, x.flip(-1)]), "cam" if icfg.method == "advcam" else icfg.method)
-        _fill_keys(out, keys, icfg)
-        for name, (maps, _, raw) in out.items():
-            maps, raw = maps[:B] + maps[B:].flip(-1), raw[:B] + raw[B:].flip(-1)
+        batch = scale_batch(model, pyramid[i], keys, icfg.scales[i], icfg)
+        with torch.inference_mode(not method.needs_grad):
+            maps = method.maps(model, batch)
+        for name in names:
+            raw = pair_sum(batch.scores[name])
             for b in range(B):
                 if len(keys[b]):
                     add(sums[b], "raw:" + name, raw[b, keys[b]])
-                    if icfg.method != "advcam":
-                        add(sums[b], name, maps[b, keys[b]])
-        if icfg.method == "advcam":
-            steps = adv_steps_at(icfg.scales[i], icfg.adv_steps)
-            for b in range(B):
-                k = keys[b]
-                if len(k) == 0:
-                    continue
-                pairs = torch.stack([x[b], x[b].flip(-1)])[None].expand(len(k), -1, -1, -1, -1)
-                for name, m in _advcam_maps(model, pairs, k, steps, icfg).items():
-                    # the release's mul_for_scale: meant for scale 0.5 (2 when it halves T > 10, else 1),
-                    # it keeps that value for every scale; it only matters against the + 1e-5 of the
-                    # normalisation
-                    add(sums[b], name, (2.0 if icfg.adv_steps > 10 else 1.0) * m)
+                    add(sums[b], name, maps[name][b])
     results = []
     for b in range(B):
         n = len(keys[b])
@@ -398,7 +237,7 @@ def peak_map(maps: torch.Tensor) -> torch.Tensor:
 
     The map of a class that no branch activates: it marks where the classifier finds the class
     least unlikely, and nothing more. Spreading it (min-max of the raw scores, exp(raw - max))
-    lost 1 to 9 mIoU points on the demo's val CAMs (NOTES.md): those classes then take pixels of
+    costs mIoU (NOTES.md, "A class that no branch activates"): those classes then take pixels of
     classes the classifier does see. The random walk would spread even the peak, which is why
     pseudo-labels reads these maps as 0 (cam.io.evidence).
     """
@@ -407,120 +246,17 @@ def peak_map(maps: torch.Tensor) -> torch.Tensor:
     return (peak & ~flat).to(maps.dtype)
 
 
-def _fill_keys(out: dict[str, tuple[torch.Tensor, ...]], keys: list, icfg: InferConfig) -> None:
+def fill_keys(logits: dict[str, torch.Tensor], keys: list, icfg: InferConfig) -> None:
     """Predicted classes for the images whose keys are None.
 
-    `out` is _branch_maps of [images, flipped images]; the score is the sigmoid of the logits
+    `logits` are pair_forward's, per branch [B, 2, K]; the score is the sigmoid of the logits
     averaged over branches and over each image and its flip.
     """
     if all(k is not None for k in keys):
         return
-    B = len(keys)
-    logits = torch.stack([lg for _, lg, _ in out.values()]).mean(0)
-    scores = torch.sigmoid((logits[:B] + logits[B:]) / 2)
+    mean = torch.stack(list(logits.values())).mean(0)
+    scores = torch.sigmoid((mean[:, 0] + mean[:, 1]) / 2)
     for b, k in enumerate(keys):
         if k is None:
             picked = torch.nonzero(scores[b] > icfg.score_threshold).flatten()
             keys[b] = picked if len(picked) else scores[b].argmax().reshape(1)
-
-
-# --------------------------------------------------------------------------- the stage
-
-
-def open_inference_data(data: str, split: str, class_names: list[str]) -> SegData:
-    """A VOC-style root (labels where it has them) or a plain folder of images (the run's classes)."""
-    root = Path(data)
-    if root.is_dir() and not (root / "JPEGImages").is_dir():
-        return list_images(root, class_names)
-    return open_dataset(root, split, require_labels=False)
-
-
-def _settings(run: Path, data: SegData, icfg: InferConfig) -> dict:
-    """What makes the CAM files of a make-cam call (recorded in CAMS/config.yaml; batch size and
-    device are left out: they do not change the maps)."""
-    settings = {k: v for k, v in dataclasses.asdict(icfg).items() if k not in ("batch_size", "device", "overwrite")}
-    if icfg.method != "advcam":
-        settings = {k: v for k, v in settings.items() if not k.startswith("adv_")}
-    settings.update(run=str(Path(run).resolve()), model=file_identity(Path(run) / "model.pt"),
-                    data=str(Path(data.root).resolve()))
-    return settings
-
-
-def _agreed(work: Optional[list], dist_info) -> list:
-    """`work` of the first process, the same list in every process (a no-op without torchrun)."""
-    if not dist_info.enabled:
-        return work
-    box = [work]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def make_cams(run: Path, data: str, split: str, out: Path, icfg: InferConfig, show_progress: Optional[bool] = None
-              ) -> dict:
-    """Writes CAMS/<id>.npz for every image of the split; finished files are skipped."""
-    if icfg.method not in METHODS:
-        raise AmrsegError(f"--method {icfg.method!r}: not one of {', '.join(METHODS)}")
-    if not icfg.scales or any(s <= 0 for s in icfg.scales):
-        raise AmrsegError(f"--scales {icfg.scales}: expected positive scales")
-    if not 0.0 <= icfg.xi <= 1.0:
-        raise AmrsegError(f"--xi {icfg.xi}: must be in [0, 1]")
-    if icfg.batch_size < 1:
-        raise AmrsegError(f"--batch-size {icfg.batch_size}: must be positive")
-    if icfg.method == "advcam" and icfg.adv_steps < 1:
-        raise AmrsegError(f"--adv-steps {icfg.adv_steps}: must be positive (the number of maps per scale)")
-    if icfg.adv_climb not in CLIMBS:
-        raise AmrsegError(f"--adv-climb {icfg.adv_climb!r}: not one of {', '.join(CLIMBS)}")
-    dist_info = init_distributed()
-    device = pick_device(icfg.device, dist_info.local_rank)
-    model, cfg, class_names = load_run(run, device)
-    dataset = open_inference_data(data, split, class_names)
-    if dataset.num_classes != len(class_names) - 1:
-        raise AmrsegError(f"--data {data}: {dataset.num_classes} classes, but the run was trained on "
-                          f"{len(class_names) - 1}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    claim_folder(out, _settings(run, dataset, icfg), "--out", "*.npz", overwrite=icfg.overwrite,
-                 write=dist_info.is_main)
-    if dist_info.is_main:
-        # What later stages need to know about these maps (pseudo-labels picks its thresholds by method).
-        meta = {"method": icfg.method, "run": str(Path(run).resolve()), "scales": list(icfg.scales), "xi": icfg.xi}
-        if icfg.method == "advcam":
-            meta.update(adv_steps=icfg.adv_steps, adv_climb=icfg.adv_climb)
-        write_text(out / CAMS_META, json.dumps(meta) + "\n")
-    # One work list for all processes: the first one's, taken after it has claimed the folder, so a
-    # process that starts late cannot skip the files the others are writing.
-    pending = _agreed([i for i in range(len(dataset)) if not (out / f"{dataset.ids[i]}.npz").exists()]
-                      if dist_info.is_main else None, dist_info)
-    skipped = len(dataset) - len(pending)
-    shard = pending[dist_info.rank::dist_info.world_size]
-    batches = _size_batches(dataset, shard, icfg.batch_size)
-    loader = torch.utils.data.DataLoader(_ImageSet(dataset, shard, icfg.scales), batch_sampler=batches,
-                                         num_workers=2)
-    labels = dataset.labels
-    with progress(total=len(shard), enabled=show_progress if dist_info.is_main else False,
-                  desc=f"make-cam {icfg.method}", unit="img") as bar:
-        for pyramid, sizes, index in loader:
-            pyramid = [x.to(device) for x in pyramid]
-            size = tuple(int(v) for v in sizes[0])
-            keys = []
-            for i in index.tolist():
-                row = labels[i] if labels is not None else None
-                keys.append(torch.from_numpy(np.flatnonzero(row)).to(device) if row is not None and row.any()
-                            else None)
-            for i, (k, maps) in zip(index.tolist(), cams_for_batch(model, pyramid, size, keys, icfg)):
-                branches = None
-                if icfg.save_branches and "compensation" in maps:
-                    branches = {name: maps[name].float().cpu().numpy() for name in ("spotlight", "compensation")}
-                save_cam(out / f"{dataset.ids[i]}.npz", keys=k.cpu().numpy().astype(np.int64),
-                         high_res=maps["fused"].float().cpu().numpy(), cam=maps["cam"].float().cpu().numpy(),
-                         branches=branches,
-                         active=maps["active"].cpu().numpy())
-            bar.update(len(index))
-    if dist_info.enabled:
-        torch.distributed.barrier()  # every process has written its shard
-    missing = [i for i in pending if not (out / f"{dataset.ids[i]}.npz").exists()]
-    if missing:
-        raise AmrsegError(f"--out {out}: {len(missing)} of the {len(pending)} CAM files were not written (first: "
-                          f"{dataset.ids[missing[0]]}.npz); run make-cam again to finish them")
-    return {"out": str(out), "written": len(pending), "skipped": skipped, "method": icfg.method,
-            "scales": list(icfg.scales), "xi": icfg.xi, "preset": cfg.preset}

@@ -24,6 +24,7 @@ from ..fileio import atomic_write
 from ..errors import AmrsegError
 
 BRANCHES = ("spotlight", "compensation")
+CAMS_META = "cams.json"  # CAMS/cams.json: {"method", "run", "scales", "xi"} (+ advcam's settings)
 BRANCH_ARRAYS = tuple(f"high_res_{b}" for b in BRANCHES)
 _MAP_ARRAYS = ("high_res", "cam") + BRANCH_ARRAYS
 _EPS = 1e-5  # AMR.md section 5: each class map divided by its own spatial max + 1e-5

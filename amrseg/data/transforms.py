@@ -17,9 +17,8 @@ from PIL import Image
 
 from ..config import DataConfig
 from ..errors import AmrsegError
-from .voc import SegData, read_mask
+from .voc import IGNORE, SegData, read_mask
 
-IGNORE = 255
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -111,7 +110,27 @@ def train_transform(img: np.ndarray, rng: np.random.Generator, cfg: DataConfig,
     return both[:3], label_out
 
 
-class CamTrainDataset(torch.utils.data.Dataset):
+class EpochDataset(torch.utils.data.Dataset):
+    """A split whose sample i of epoch e draws its randomness from np.random.default_rng([seed, e, i]),
+    so it is the same whatever the worker count or resume point. Call `set_epoch` before iterating
+    each epoch (with persistent DataLoader workers the workers keep their own copy: do not combine
+    them)."""
+
+    data: SegData
+    seed: int = 0
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def rng(self, i: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, int(i)])
+
+
+class CamTrainDataset(EpochDataset):
     """(augmented image, multi-hot label, index) for CAM training.
 
     Randomness comes from np.random.default_rng([seed, epoch, i]), so sample i of an epoch is the
@@ -128,14 +147,8 @@ class CamTrainDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self.labels = torch.from_numpy(data.labels.astype(np.float32))
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.data)
-
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+        rng = self.rng(i)
         image = train_transform(self.data.load_image(i), rng, self.cfg)
         if self.cfg.cutout:
             image = cutout(image, rng, round(128 * self.cfg.crop / 512))
@@ -170,7 +183,7 @@ def check_label_dir(folder: Path, data: SegData, flag: str = "--labels") -> list
     return [folder / f"{i}.png" for i in data.ids]
 
 
-class LabelTrainDataset(torch.utils.data.Dataset):
+class LabelTrainDataset(EpochDataset):
     """(augmented image, label map, index) for training on pseudo masks or IR labels.
 
     The label map gets the image's resize (nearest), flip and crop, with 255 outside the placed
@@ -184,14 +197,8 @@ class LabelTrainDataset(torch.utils.data.Dataset):
         self.label_paths = check_label_dir(label_dir, data, flag)
         self.label_stride = int(label_stride)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.data)
-
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+        rng = self.rng(i)
         img = self.data.load_image(i)
         label = read_mask(self.label_paths[i])
         if label.shape != img.shape[:2]:

@@ -30,7 +30,7 @@ VOC_CLASSES = (
     "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
     "train", "tvmonitor",
 )
-IGNORE = 255
+IGNORE = 255  # the label of unknown pixels (VOC's object borders): not trained on, not scored
 SHIPPED_DIR = Path(__file__).parent / "voc12"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 

@@ -8,26 +8,33 @@ new layers. Two sources:
   drawings and skin variations are a class's samples), rendered as emoji-VOC renders its objects,
   over its backgrounds and clutter. VOC's classes are among them, as dogs and cars are in ImageNet.
 - `fashion`: the 10 Fashion-MNIST classes.
+
+Training runs on the loop of train-cam/irn/seg (engine.trainer.fit), in the run folder `OUT.run/`
+beside the weights file OUT (config.yaml, log.csv, checkpoint.pt, and model.pt: the whole
+classifier, auxiliary heads included), so it resumes exactly and stops at the first NaN.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import ClassVar, Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import TrainConfig
 from ..data.emoji_scenes import EmojiItemDataset, SpriteCache, resolve_spec
 from ..data.fashion import ItemDataset, find_fmnist, load_fmnist
 from ..errors import AmrsegError
-from ..models.resnet import BasicBlock, Bottleneck, build_resnet
 from ..fileio import atomic_torch_save
-from ..runtime import pick_device, progress, seed_everything
-from .trainer import poly_lr
+from ..models.optim import sgd_groups
+from ..models.resnet import BasicBlock, Bottleneck, build_resnet
+from ..runtime import pick_device, seed_everything
+from .trainer import Job, fit, prepare_run
 
 
 @dataclass
@@ -50,6 +57,17 @@ class PretrainConfig:
     seed: int = 0
     device: str = "auto"
     num_workers: int = 2
+    kind: str = "pretrain"  # the run kind in OUT.run/config.yaml
+
+    # Settings a resumed run may change: they do not change the weights.
+    resume_free: ClassVar[tuple] = ("device", "num_workers", "threads")
+
+    @property
+    def train(self) -> TrainConfig:
+        """The recipe as the training loop's settings: SGD (Nesterov, momentum 0.9), poly decay 0.9, float32."""
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, new_lr_mult=self.head_lr_mult,
+                           momentum=0.9, weight_decay=self.weight_decay, poly_power=0.9, amp="off",
+                           channels_last=False, num_workers=self.num_workers, seed=self.seed, device=self.device)
 
     @classmethod
     def for_source(cls, source: str, **overrides) -> "PretrainConfig":
@@ -61,9 +79,9 @@ class PretrainConfig:
         return cls(source=source, **values)
 
 
-# Default recipes. fashion: as it always was. emoji: sized to finish in under 10 minutes on a free
-# 2-core CPU for resnet18 at base width 32: one training thread and one rendering worker
-# (NOTES.md, "Emoji-VOC"; measured choices of lr, batch, heads and zero-init there).
+# Default recipes. fashion: as it always was. emoji: sized to a CPU budget for resnet18 at base
+# width 32, with one training thread and one rendering worker (NOTES.md, "Emoji-VOC": its timing
+# and the measured choices of lr, batch, heads and zero-init).
 SOURCE_DEFAULTS = {
     "fashion": {"epochs": 2, "size": 96, "items": 12000, "batch_size": 64, "test_items": 1000},
     "emoji": {"epochs": 5, "size": 64, "items": 40000, "batch_size": 32, "lr": 0.07,
@@ -86,15 +104,13 @@ class Classifier(nn.Module):
         self.fc = nn.Linear(backbone.out_channels, num_classes)
         self.aux = nn.ModuleList(nn.Linear(backbone.out_channels, n) for n in aux_classes)
 
-    def forward(self, x):
-        return self.fc(self.backbone(x).mean(dim=(2, 3)))
-
-    def forward_all(self, x) -> list:
+    def forward(self, x) -> list:
+        """[the fc's logits, then each auxiliary head's]."""
         feat = self.backbone(x).mean(dim=(2, 3))
         return [self.fc(feat), *(head(feat) for head in self.aux)]
 
 
-def _zero_init_residual(model: nn.Module) -> None:
+def zero_init_residual(model: nn.Module) -> None:
     """The last BN of every residual branch starts at 0 (each block starts as the identity)."""
     for m in model.modules():
         if isinstance(m, Bottleneck):
@@ -129,88 +145,126 @@ def _datasets(cfg: PretrainConfig, fmnist: Optional[str], art: Optional[str]) ->
     return train_set, test_set, 10, []
 
 
+def run_dir(out: Path) -> Path:
+    """The run folder of the weights file `out`: `OUT.run/` beside it."""
+    out = Path(out)
+    return out.with_name(out.name + ".run")
+
+
 def pretrain_backbone(out: Path, cfg: PretrainConfig, fmnist: Optional[str] = None, art: Optional[str] = None,
-                      show_progress: Optional[bool] = None) -> dict:
-    """Trains and writes `out` (a torchvision-named state dict); returns accuracy and timing."""
+                      show_progress: Optional[bool] = None, resume: bool = False,
+                      stop_after_steps: Optional[int] = None) -> dict:
+    """Trains in the run folder `OUT.run/` and writes `out` (a torchvision-named state dict).
+
+    Args:
+        out: the weights file.
+        cfg: the recipe (`PretrainConfig.for_source`).
+        fmnist, art: the Fashion-MNIST and emoji art folders (None: their default places).
+        show_progress: progress bar on/off; None = only on a terminal.
+        resume: continue the run in OUT.run/ from its checkpoint; without it a folder that holds a
+            run is refused. The settings must be the saved ones (but for `resume_free`).
+        stop_after_steps: stop with a checkpoint after this many steps, as Ctrl-C does.
+
+    Returns:
+        out, source, num_classes, test_accuracy, test_top5, test_items, train_seconds,
+        images_per_s (over this invocation's steps), total_seconds, threads. A run stopped before
+        its end writes no weights file and returns fit's summary (finished False, step, ...).
+    """
     t_start = time.perf_counter()
+    _check_sizes(cfg)
+    run = run_dir(out)
+    cfg = prepare_run(cfg, run, resume)
+    train_set, test_set, num_classes, aux_targets = _datasets(cfg, fmnist, art)
+    if len(train_set) < cfg.batch_size:
+        raise AmrsegError(f"--items {len(train_set)}: fewer than one batch of {cfg.batch_size}")
+    aux_targets = aux_targets if cfg.aux_weight > 0 else []
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    with _torch_threads(cfg):
+        model = _classifier(cfg, num_classes, aux_targets).to(device)
+        seen = [0]  # images trained on by this invocation
+        job = _job(cfg, model, train_set, [t.to(device) for t in aux_targets], seen)
+        t0 = time.perf_counter()
+        summary = fit(job, cfg, run, resume, show_progress, stop_after_steps, device)
+        train_seconds = time.perf_counter() - t0
+        if not summary["finished"]:
+            return summary
+        top1, top5 = _test_accuracy(model, test_set, num_classes, device, cfg.num_workers)
+        threads = torch.get_num_threads()
+    _save_backbone(model, Path(out))
+    return {"out": str(out), "source": cfg.source, "num_classes": num_classes,
+            "test_accuracy": top1 / len(test_set), "test_top5": top5 / len(test_set), "test_items": len(test_set),
+            "train_seconds": round(train_seconds, 1), "images_per_s": round(seen[0] / max(train_seconds, 1e-9), 1),
+            "total_seconds": round(time.perf_counter() - t_start, 1), "threads": threads}
+
+
+def _check_sizes(cfg: PretrainConfig) -> None:
     for flag, value in (("--epochs", cfg.epochs), ("--items", cfg.items), ("--batch-size", cfg.batch_size)):
         if value < 1:
             raise AmrsegError(f"{flag} {value}: must be at least 1")
     if cfg.size < 32:
         raise AmrsegError(f"--size {cfg.size}: need at least 32 px")
-    train_set, test_set, num_classes, aux_targets = _datasets(cfg, fmnist, art)
-    if len(train_set) < cfg.batch_size:
-        raise AmrsegError(f"--items {len(train_set)}: fewer than one batch of {cfg.batch_size}")
-    if cfg.aux_weight <= 0:
-        aux_targets = []
-    seed_everything(cfg.seed)
-    n = len(train_set)
-    device = pick_device(cfg.device)
+
+
+@contextlib.contextmanager
+def _torch_threads(cfg: PretrainConfig) -> Iterator[None]:
+    """torch's threads per cfg.threads (n; 0 = torch's default; -1 = the cores the workers leave), then restored."""
     threads = cfg.threads if cfg.threads >= 0 else max(1, (os.cpu_count() or 1) - cfg.num_workers)
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _train(out, cfg, train_set, test_set, num_classes, aux_targets, device, show_progress, t_start)
+        yield
     finally:
         torch.set_num_threads(old_threads)
 
 
-def _train(out, cfg, train_set, test_set, num_classes, aux_targets, device, show_progress, t_start) -> dict:
+def _classifier(cfg: PretrainConfig, num_classes: int, aux_targets: list) -> Classifier:
     # Classification strides (output stride 32, as ImageNet ResNets); strides hold no parameters,
     # so the weights serve any output stride later.
     model = Classifier(build_resnet(cfg.backbone, cfg.base_width, strides=(1, 2, 2, 2)), num_classes,
-                       [int(t.max()) + 1 for t in aux_targets]).to(device)
+                       [int(t.max()) + 1 for t in aux_targets])
     if cfg.zero_init_residual:
-        _zero_init_residual(model.backbone)
-    heads = list(model.fc.parameters()) + list(model.aux.parameters())
-    if cfg.head_lr_mult == 1.0:
-        groups = [{"params": list(model.parameters()), "lr_mult": 1.0}]
-    else:
-        ids = {id(p) for p in heads}
-        groups = [{"params": [p for p in model.parameters() if id(p) not in ids], "lr_mult": 1.0},
-                  {"params": heads, "lr_mult": cfg.head_lr_mult}]
-    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
-    aux_targets = [t.to(device) for t in aux_targets]
-    g = torch.Generator().manual_seed(cfg.seed)
-    n = len(train_set)
-    steps_per_epoch = n // cfg.batch_size
-    total, step, t0 = cfg.epochs * steps_per_epoch, 0, time.perf_counter()
-    bar = progress(total=total, enabled=show_progress, desc="pretrain-backbone", unit="step")
-    model.train()
-    for epoch in range(cfg.epochs):
-        train_set.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=g,
-                                             drop_last=True, num_workers=cfg.num_workers)
-        for images, labels in loader:
-            for group in optimizer.param_groups:
-                group["lr"] = poly_lr(cfg.lr, step, total, 0.9) * group["lr_mult"]
-            labels = labels.to(device)
-            logits = model.forward_all(images.to(device))
-            loss = F.cross_entropy(logits[0], labels, label_smoothing=cfg.label_smoothing)
-            for head_logits, targets in zip(logits[1:], aux_targets):
-                loss = loss + cfg.aux_weight * F.cross_entropy(head_logits, targets[labels])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
-    train_seconds = time.perf_counter() - t0
+        zero_init_residual(model.backbone)
+    return model
 
+
+def _job(cfg: PretrainConfig, model: Classifier, train_set, aux_targets: list, seen: list) -> Job:
+    """The training loop's job: the backbone at lr, the heads at lr * head_lr_mult; cross-entropy of
+    the fine classes plus aux_weight times that of each auxiliary head (targets: class -> group)."""
+    heads = [*model.fc.parameters(), *model.aux.parameters()]
+    ids = {id(p) for p in heads}
+    groups = sgd_groups([("backbone", [p for p in model.parameters() if id(p) not in ids], cfg.lr),
+                         ("heads", heads, cfg.lr * cfg.head_lr_mult)], cfg.weight_decay)
+
+    def losses(net, batch):
+        images, labels = batch
+        seen[0] += images.shape[0]
+        logits = net(images)
+        cls = F.cross_entropy(logits[0], labels, label_smoothing=cfg.label_smoothing)
+        total = cls
+        for head_logits, targets in zip(logits[1:], aux_targets):
+            total = total + cfg.aux_weight * F.cross_entropy(head_logits, targets[labels])
+        return {"total": total, "cls": cls}
+
+    return Job(name="pretrain-backbone", model=model, param_groups=groups, dataset=train_set, losses=losses,
+               log_keys=["cls"], nesterov=True)
+
+
+def _test_accuracy(model: Classifier, test_set, num_classes: int, device: torch.device, workers: int) -> tuple:
+    """(top-1 hits, top-5 hits) of the fine classes over the held-out items."""
     model.eval()
     top1 = top5 = 0
     with torch.no_grad():
-        for images, labels in torch.utils.data.DataLoader(test_set, batch_size=200, num_workers=cfg.num_workers):
-            best = model(images.to(device)).topk(min(5, num_classes), dim=1).indices.cpu()
+        for images, labels in torch.utils.data.DataLoader(test_set, batch_size=200, num_workers=workers):
+            best = model(images.to(device))[0].topk(min(5, num_classes), dim=1).indices.cpu()
             top1 += (best[:, 0] == labels).sum().item()
             top5 += (best == labels[:, None]).any(dim=1).sum().item()
+    return top1, top5
+
+
+def _save_backbone(model: Classifier, out: Path) -> None:
+    """The backbone and fc under torchvision's names (the auxiliary heads are left out)."""
     state = {k: v.cpu() for k, v in model.backbone.state_dict().items()}
     state.update({f"fc.{k}": v.cpu() for k, v in model.fc.state_dict().items()})
-    atomic_torch_save(state, Path(out))
-    return {"out": str(out), "source": cfg.source, "num_classes": num_classes,
-            "test_accuracy": top1 / len(test_set), "test_top5": top5 / len(test_set), "test_items": len(test_set),
-            "train_seconds": round(train_seconds, 1),
-            "images_per_s": round(total * cfg.batch_size / max(train_seconds, 1e-9), 1),
-            "total_seconds": round(time.perf_counter() - t_start, 1), "threads": torch.get_num_threads()}
+    atomic_torch_save(state, out)

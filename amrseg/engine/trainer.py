@@ -1,4 +1,4 @@
-"""The one training loop behind train-cam, train-irn and train-seg.
+"""The one training loop behind train-cam, train-irn, train-seg and pretrain-backbone.
 
 What every training command shares: the run directory (config.yaml, checkpoint.pt, model.pt,
 log.csv, tb/), exact resume, SGD with poly decay, mixed precision and channels_last on CUDA, DDP
@@ -30,18 +30,20 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import yaml
 
-from ..config import TrainConfig, flatten, load_run_config, merge, to_dict
-from ..errors import AmrsegError
+from ..config import TrainConfig, flatten, merge, read_yaml, to_dict
+from ..errors import AmrsegError, brief
 from ..fileio import atomic_torch_save, atomic_write, check_writable_dir, load_torch, tensor_bytes, write_text
+from ..runs import RUN_KINDS, load_run_config
 from ..runtime import DistInfo, autocast, autocast_dtype, init_distributed, pick_device, progress
 
-# Keys that may differ between a run and its resumption: they do not change the weights.
-_RESUME_FREE = {"train.num_workers", "train.device", "train.log_every", "train.checkpoint_every",
-                "train.checkpoint_minutes", "train.tensorboard"}
+# Keys that may differ between a run and its resumption: they do not change the weights. A config
+# class may name its own (a `resume_free` class attribute).
+RESUME_FREE = ("train.num_workers", "train.device", "train.log_every", "train.checkpoint_every",
+               "train.checkpoint_minutes", "train.tensorboard")
 # The files that make a folder a run: a new run there would overwrite them.
 RUN_FILES = ("config.yaml", "log.csv", "checkpoint.pt", "model.pt", "tb")
 # Wall clock for the time-based checkpoints (a module attribute, so tests can move time).
-_clock = time.monotonic
+clock = time.monotonic
 
 
 @dataclass
@@ -62,6 +64,7 @@ class Job:
             with the model in eval mode; the figures are logged (log.csv columns `eval_keys`,
             TensorBoard), never used to pick a model.
         eval_keys: the names `evaluate` returns, in column order.
+        nesterov: SGD with Nesterov momentum (pretrain-backbone's recipe).
     """
 
     name: str
@@ -73,6 +76,7 @@ class Job:
     final: dict = field(default_factory=dict)
     evaluate: Optional[Callable[[torch.nn.Module], dict]] = None
     eval_keys: list = field(default_factory=list)
+    nesterov: bool = False
 
 
 def log_fields(job: Job) -> list[str]:
@@ -106,15 +110,33 @@ class EpochSampler(torch.utils.data.Sampler):
         return (self.batches_per_epoch() - self.skip) * (self.global_batch // self.dist.world_size)
 
 
+def _saved_config(cfg: Any, run: Path) -> Any:
+    """The config saved in a run directory, as the dataclass of `cfg` (whose `kind` it must have)."""
+    if cfg.kind in RUN_KINDS:
+        return load_run_config(run, cfg.kind)
+    saved = read_yaml(Path(run) / "config.yaml")
+    if saved.get("kind") != cfg.kind:
+        raise AmrsegError(f"--resume: {run} holds a {saved.get('kind')!r} run, not a {cfg.kind!r} one")
+    return merge(type(cfg)(), saved)
+
+
 def check_resume(cfg: Any, run: Path) -> Any:
     """The saved config is authoritative on resume; a conflicting flag is an error, not a silent change."""
-    saved = load_run_config(run, cfg.kind)
+    saved = _saved_config(cfg, run)
     flat_new, flat_old = flatten(to_dict(cfg)), flatten(to_dict(saved))
-    diff = [k for k in flat_new if flat_new[k] != flat_old.get(k) and k not in _RESUME_FREE]
+    free = set(getattr(type(cfg), "resume_free", RESUME_FREE))
+    diff = [k for k in flat_new if flat_new[k] != flat_old.get(k) and k not in free]
     if diff:
         shown = ", ".join(f"{k}: {flat_old.get(k)!r} -> {flat_new[k]!r}" for k in diff[:4])
         raise AmrsegError(f"--resume: {run}/config.yaml differs from this command ({shown})")
-    return merge(saved, {"train": {k.split(".", 1)[1]: flat_new[k] for k in _RESUME_FREE}})
+    kept: dict = {}
+    for key in free & flat_new.keys():
+        *sections, name = key.split(".")
+        node = kept
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[name] = flat_new[key]
+    return merge(saved, kept)
 
 
 def require_tensorboard() -> type:
@@ -122,9 +144,8 @@ def require_tensorboard() -> type:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except Exception as e:  # ImportError, or a tensorboard/protobuf mismatch
-        reason = " ".join(str(e).split())[:120] or type(e).__name__
         raise AmrsegError(f"--set train.tensorboard=true: needs the 'tensorboard' extra "
-                          f"(pip install 'amrseg[tensorboard]'); {reason}") from None
+                          f"(pip install 'amrseg[tensorboard]'); {brief(e, 120)}") from None
     return SummaryWriter
 
 
@@ -256,6 +277,64 @@ def _check_space(out: Path, model: torch.nn.Module, resume: bool) -> None:
                           f"{need / 2**20:.1f} MiB (free some space or choose another --out)")
 
 
+@dataclass
+class _Loop:
+    """What the helpers of one `fit` call share: the pieces it built and where the run stands."""
+
+    job: Job
+    cfg: Any
+    out: Path
+    dist: DistInfo
+    device: torch.device
+    sampler: EpochSampler
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp_dtype: Optional[torch.dtype]
+    channels_last: bool
+    trainable: list  # (name, tensor) of the parameters SGD changes, checked after every step
+    step: int = 0
+    last_saved: Optional[int] = None  # step of the last checkpoint written
+    last_save_time: float = 0.0
+
+    @property
+    def tc(self) -> TrainConfig:
+        return self.cfg.train
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.batches_per_epoch()
+
+    @property
+    def total_steps(self) -> int:
+        return self.tc.epochs * self.steps_per_epoch
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+
+class _Window:
+    """Sums of the losses and the images seen since the last log row."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums, self.steps, self.images, self.t0 = {}, 0, 0, time.perf_counter()
+
+    def add(self, losses: dict, images: int) -> None:
+        for k, v in losses.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v.detach())
+        self.steps += 1
+        self.images += images
+
+    def mean(self, key: str) -> str:
+        return f"{self.sums[key] / self.steps:.5f}" if key in self.sums else ""
+
+    def images_per_s(self) -> float:
+        return self.images / max(time.perf_counter() - self.t0, 1e-9)
+
+
 def fit(job: Job, cfg: Any, out: Path, resume: bool = False, show_progress: Optional[bool] = None,
         stop_after_steps: Optional[int] = None, device: Optional[torch.device] = None) -> dict:
     """Trains `job` per `cfg.train` into the run directory `out`; returns a summary dict.
@@ -275,161 +354,200 @@ def fit(job: Job, cfg: Any, out: Path, resume: bool = False, show_progress: Opti
         AmrsegError: bad settings, a disk too small, or a loss / parameter that is not finite (the
             run stops at that step; checkpoint.pt keeps the last finite state).
     """
-    out = Path(out)
-    ckpt_path, log_path = out / "checkpoint.pt", out / "log.csv"
+    loop = _setup(job, cfg, Path(out), resume, device)
+    if resume:
+        _restore(loop)
+    elif loop.dist.is_main:
+        write_text(loop.out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        atomic_write(loop.out / "log.csv", lambda tmp: _write_rows(tmp, log_fields(job), []))
+    net = _wrap(loop)
+    log = _Log(loop.out / "log.csv", log_fields(job), loop.out / "tb" if loop.tc.tensorboard else None,
+               loop.step if resume else None) if loop.dist.is_main else None
+    bar = progress(total=loop.total_steps, initial=loop.step, enabled=show_progress if loop.dist.is_main else False,
+                   desc=job.name, unit="step")
+    start = loop.step
+    try:
+        with _StopFlag() as stop:
+            stopped = _train_epochs(loop, net, log, bar, lambda: stop.set or (
+                stop_after_steps is not None and loop.step - start >= stop_after_steps))
+        bar.close()
+        return _finish(loop, stopped)
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+
+
+def _setup(job: Job, cfg: Any, out: Path, resume: bool, device: Optional[torch.device]) -> _Loop:
+    """The sampler, optimizer and gradient scaler of a run; its folder created and its disk checked."""
     tc: TrainConfig = cfg.train
     dist_info = init_distributed()
     device = device or pick_device(tc.device, dist_info.local_rank)
     if tc.batch_size % dist_info.world_size:
         raise AmrsegError(f"--batch-size {tc.batch_size}: must be divisible by the {dist_info.world_size} processes")
     sampler = EpochSampler(len(job.dataset), tc.batch_size, tc.seed, dist_info)
-    steps_per_epoch = sampler.batches_per_epoch()
-    if steps_per_epoch == 0:
+    if sampler.batches_per_epoch() == 0:
         raise AmrsegError(f"--batch-size {tc.batch_size}: larger than the {len(job.dataset)} images of "
-                          f"split '{cfg.split}'")
-    total_steps = tc.epochs * steps_per_epoch
-    fields = log_fields(job)
-
+                          f"split '{getattr(cfg, 'split', 'train')}'")
     model = job.model
     channels_last = device.type == "cuda" and tc.channels_last
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)
     # Keyword arguments: IRN's release passed weight_decay into SGD's momentum slot by position.
-    optimizer = torch.optim.SGD(job.param_groups, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+    optimizer = torch.optim.SGD(job.param_groups, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay,
+                                nesterov=job.nesterov)
     amp_dtype = autocast_dtype(tc.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     if dist_info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         _check_space(out, model, resume)
-
-    step, last_saved = 0, None
-    if resume:
-        state = load_torch(ckpt_path, "checkpoint")
-        bad = first_nonfinite(list(state["model"].items()))
-        if bad:
-            raise AmrsegError(f"--resume: {ckpt_path} holds a non-finite {bad} (written by an older amrseg); "
-                              f"start a new run")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step = last_saved = int(state["step"])
-        if dist_info.is_main:
-            _trim_log(log_path, fields, step)
-    elif dist_info.is_main:
-        write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        atomic_write(log_path, lambda tmp: _write_rows(tmp, fields, []))
-
-    net = model
-    if dist_info.enabled:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if tc.compile and device.type == "cuda":
-        net = torch.compile(net)
-
-    loader = torch.utils.data.DataLoader(
-        job.dataset, batch_size=tc.batch_size // dist_info.world_size, sampler=sampler,
-        num_workers=min(tc.num_workers, os.cpu_count() or 1), pin_memory=device.type == "cuda", drop_last=True,
-        persistent_workers=False)
-
-    def nonfinite_stop(what: str) -> AmrsegError:
-        kept = (f"last good checkpoint kept: {ckpt_path} (step {last_saved})" if last_saved is not None
-                else "no checkpoint was written")
-        return AmrsegError(f"step {step}: {what}; stopped, {kept} (lower --lr or check the data)")
-
-    def save_checkpoint() -> None:
-        nonlocal last_saved, last_save_time
-        if dist_info.is_main:
-            bad = first_nonfinite([*model.state_dict().items(), *_optimizer_tensors(optimizer)])
-            if bad:  # never save a state that cannot be trained on
-                raise nonfinite_stop(f"{bad} is not finite")
-            atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                               "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch,
-                               "config": to_dict(cfg)}, ckpt_path)
-        last_saved, last_save_time = step, _clock()
-
-    log = _Log(log_path, fields, out / "tb" if tc.tensorboard else None, step if resume else None) \
-        if dist_info.is_main else None
     trainable = [(n, p.detach()) for n, p in model.named_parameters() if p.requires_grad]
-    start_step, stopped = step, False
-    bar = progress(total=total_steps, initial=step, enabled=show_progress if dist_info.is_main else False,
-                   desc=job.name, unit="step")
-    window: dict = {}
-    t0, seen, last_save_time = time.perf_counter(), 0, _clock()
-    model.train()
-    try:
-        with _StopFlag() as stop:
-            while step < total_steps and not stopped:
-                epoch, skip = divmod(step, steps_per_epoch)
-                sampler.set_epoch(epoch, skip)
-                job.dataset.set_epoch(epoch)
-                for batch in loader:
-                    batch = _to_device(batch, device, channels_last)
-                    lr_scale = poly_lr(1.0, step, total_steps, tc.poly_power)
-                    for g in optimizer.param_groups:
-                        g["lr"] = g["initial_lr"] * lr_scale
-                    with autocast(device, amp_dtype):
-                        losses = job.losses(net, batch)
-                    finite = torch.isfinite(losses["total"].detach()).to(torch.int32)
-                    if dist_info.enabled:  # every process stops at the same step
-                        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-                    if not finite.item():
-                        step += 1
-                        raise nonfinite_stop(f"loss is {losses['total'].item()} (not finite)")
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(losses["total"]).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    step += 1
-                    # The trainable parameters every step (what SGD just changed); buffers and the
-                    # optimizer state at every save.
-                    bad = first_nonfinite(trainable)
-                    if bad:
-                        raise nonfinite_stop(f"{bad} is not finite after the update")
-                    seen += batch[0].shape[0] * dist_info.world_size
-                    for k, v in losses.items():
-                        window[k] = window.get(k, 0.0) + float(v.detach())
-                    window["_n"] = window.get("_n", 0) + 1
-                    bar.update(1)
-                    epoch_end = step % steps_per_epoch == 0
-                    if step % tc.log_every == 0 or step == total_steps or epoch_end:
-                        ips = seen / max(time.perf_counter() - t0, 1e-9)
-                        row = {"step": step, "epoch": round(step / steps_per_epoch, 4),
-                               "lr": f"{tc.lr * lr_scale:.6g}", "images_per_s": f"{ips:.2f}",
-                               "loss": f"{window['total'] / window['_n']:.5f}"}
-                        for k in job.log_keys:
-                            row[k] = f"{window[k] / window['_n']:.5f}" if k in window else ""
-                        if epoch_end and job.evaluate is not None and dist_info.is_main:
-                            model.eval()
-                            with torch.no_grad(), autocast(device, amp_dtype):
-                                figures = job.evaluate(model)
-                            model.train()
-                            row.update({k: f"{figures[k]:.5f}" for k in job.eval_keys})
-                        bar.set_postfix(loss=row["loss"], img_s=f"{ips:.1f}")
-                        if log is not None:
-                            log.write(row)
-                        window, t0, seen = {}, time.perf_counter(), 0
-                    if (epoch_end or (tc.checkpoint_every and step % tc.checkpoint_every == 0)
-                            or (tc.checkpoint_minutes and _clock() - last_save_time >= 60 * tc.checkpoint_minutes)):
-                        save_checkpoint()
-                    if stop.set or (stop_after_steps is not None and step - start_step >= stop_after_steps):
-                        stopped = True
-                        break
-        bar.close()
-        if stopped and step < total_steps:
-            if last_saved != step:
-                save_checkpoint()
-            return {"finished": False, "step": step, "total_steps": total_steps, "checkpoint": str(ckpt_path)}
-        if dist_info.is_main:
-            bad = first_nonfinite(model.state_dict().items())
-            if bad:
-                raise nonfinite_stop(f"{bad} is not finite")
-            atomic_torch_save({"state_dict": model.state_dict(), "config": to_dict(cfg), **job.final},
-                              out / "model.pt")
-        return {"finished": True, "step": step, "total_steps": total_steps, "model": str(out / "model.pt")}
-    finally:
-        bar.close()
-        if log is not None:
-            log.close()
+    return _Loop(job, cfg, out, dist_info, device, sampler, optimizer, scaler, amp_dtype, channels_last, trainable)
+
+
+def _restore(loop: _Loop) -> None:
+    """Model, optimizer, scaler and step from the checkpoint; log rows after it dropped."""
+    state = load_torch(loop.checkpoint, "checkpoint")
+    bad = first_nonfinite(list(state["model"].items()))
+    if bad:
+        raise AmrsegError(f"--resume: {loop.checkpoint} holds a non-finite {bad} (written by an older amrseg); "
+                          f"start a new run")
+    loop.job.model.load_state_dict(state["model"])
+    loop.optimizer.load_state_dict(state["optimizer"])
+    loop.scaler.load_state_dict(state["scaler"])
+    loop.step = loop.last_saved = int(state["step"])
+    if loop.dist.is_main:
+        _trim_log(loop.out / "log.csv", log_fields(loop.job), loop.step)
+
+
+def _wrap(loop: _Loop) -> torch.nn.Module:
+    """The module the losses call: the model, under DDP with torchrun, compiled on request (CUDA)."""
+    net = loop.job.model
+    if loop.dist.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[loop.device.index] if loop.device.type == "cuda" else None)
+    if loop.tc.compile and loop.device.type == "cuda":
+        net = torch.compile(net)
+    return net
+
+
+def _train_epochs(loop: _Loop, net: torch.nn.Module, log: Optional[_Log], bar, should_stop: Callable) -> bool:
+    """Steps from loop.step to the end, with the log rows and checkpoints; True when stopped early."""
+    loader = torch.utils.data.DataLoader(
+        loop.job.dataset, batch_size=loop.tc.batch_size // loop.dist.world_size, sampler=loop.sampler,
+        num_workers=min(loop.tc.num_workers, os.cpu_count() or 1), pin_memory=loop.device.type == "cuda",
+        drop_last=True, persistent_workers=False)
+    window = _Window()
+    loop.last_save_time = clock()
+    loop.job.model.train()
+    while loop.step < loop.total_steps:
+        epoch, skip = divmod(loop.step, loop.steps_per_epoch)
+        loop.sampler.set_epoch(epoch, skip)
+        loop.job.dataset.set_epoch(epoch)
+        for batch in loader:
+            lr_scale = _train_step(loop, net, batch, window)
+            bar.update(1)
+            epoch_end = loop.step % loop.steps_per_epoch == 0
+            if loop.step % loop.tc.log_every == 0 or loop.step == loop.total_steps or epoch_end:
+                _log_row(loop, window, lr_scale, log, bar)
+            if _checkpoint_due(loop, epoch_end):
+                _save_checkpoint(loop)
+            if should_stop():
+                return True
+    return False
+
+
+def _train_step(loop: _Loop, net: torch.nn.Module, batch, window: _Window) -> float:
+    """One SGD step on a batch (its losses added to `window`); returns the step's lr scale."""
+    batch = _to_device(batch, loop.device, loop.channels_last)
+    lr_scale = poly_lr(1.0, loop.step, loop.total_steps, loop.tc.poly_power)
+    for g in loop.optimizer.param_groups:
+        g["lr"] = g["initial_lr"] * lr_scale
+    with autocast(loop.device, loop.amp_dtype):
+        losses = loop.job.losses(net, batch)
+    _check_loss(loop, losses["total"])
+    loop.optimizer.zero_grad(set_to_none=True)
+    loop.scaler.scale(losses["total"]).backward()
+    loop.scaler.step(loop.optimizer)
+    loop.scaler.update()
+    loop.step += 1
+    # The trainable parameters every step (what SGD just changed); buffers and the optimizer state
+    # at every save.
+    bad = first_nonfinite(loop.trainable)
+    if bad:
+        raise _nonfinite_stop(loop, f"{bad} is not finite after the update")
+    window.add(losses, batch[0].shape[0] * loop.dist.world_size)
+    return lr_scale
+
+
+def _check_loss(loop: _Loop, total: torch.Tensor) -> None:
+    """Stops the run at a non-finite loss, on every process at the same step."""
+    finite = torch.isfinite(total.detach()).to(torch.int32)
+    if loop.dist.enabled:
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    if not finite.item():
+        loop.step += 1
+        raise _nonfinite_stop(loop, f"loss is {total.item()} (not finite)")
+
+
+def _log_row(loop: _Loop, window: _Window, lr_scale: float, log: Optional[_Log], bar) -> None:
+    """A row of log.csv (and TensorBoard): the window's mean losses, lr, throughput, eval figures."""
+    ips = window.images_per_s()
+    row = {"step": loop.step, "epoch": round(loop.step / loop.steps_per_epoch, 4),
+           "lr": f"{loop.tc.lr * lr_scale:.6g}", "images_per_s": f"{ips:.2f}", "loss": window.mean("total")}
+    row.update({k: window.mean(k) for k in loop.job.log_keys})
+    if loop.step % loop.steps_per_epoch == 0 and loop.job.evaluate is not None and loop.dist.is_main:
+        model = loop.job.model
+        model.eval()
+        with torch.no_grad(), autocast(loop.device, loop.amp_dtype):
+            figures = loop.job.evaluate(model)
+        model.train()
+        row.update({k: f"{figures[k]:.5f}" for k in loop.job.eval_keys})
+    bar.set_postfix(loss=row["loss"], img_s=f"{ips:.1f}")
+    if log is not None:
+        log.write(row)
+    window.reset()
+
+
+def _checkpoint_due(loop: _Loop, epoch_end: bool) -> bool:
+    """At the end of every epoch, every train.checkpoint_every steps, after train.checkpoint_minutes."""
+    tc = loop.tc
+    return (epoch_end or (tc.checkpoint_every and loop.step % tc.checkpoint_every == 0)
+            or (tc.checkpoint_minutes and clock() - loop.last_save_time >= 60 * tc.checkpoint_minutes))
+
+
+def _save_checkpoint(loop: _Loop) -> None:
+    model, optimizer = loop.job.model, loop.optimizer
+    if loop.dist.is_main:
+        bad = first_nonfinite([*model.state_dict().items(), *_optimizer_tensors(optimizer)])
+        if bad:  # never save a state that cannot be trained on
+            raise _nonfinite_stop(loop, f"{bad} is not finite")
+        atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                           "scaler": loop.scaler.state_dict(), "step": loop.step,
+                           "epoch": loop.step // loop.steps_per_epoch, "config": to_dict(loop.cfg)}, loop.checkpoint)
+    loop.last_saved, loop.last_save_time = loop.step, clock()
+
+
+def _nonfinite_stop(loop: _Loop, what: str) -> AmrsegError:
+    kept = (f"last good checkpoint kept: {loop.checkpoint} (step {loop.last_saved})" if loop.last_saved is not None
+            else "no checkpoint was written")
+    return AmrsegError(f"step {loop.step}: {what}; stopped, {kept} (lower --lr or check the data)")
+
+
+def _finish(loop: _Loop, stopped: bool) -> dict:
+    """A stopped run leaves its checkpoint; a finished one writes model.pt. Returns fit's summary."""
+    summary = {"step": loop.step, "total_steps": loop.total_steps}
+    if stopped and loop.step < loop.total_steps:
+        if loop.last_saved != loop.step:
+            _save_checkpoint(loop)
+        return {"finished": False, **summary, "checkpoint": str(loop.checkpoint)}
+    if loop.dist.is_main:
+        state = loop.job.model.state_dict()
+        bad = first_nonfinite(state.items())
+        if bad:
+            raise _nonfinite_stop(loop, f"{bad} is not finite")
+        atomic_torch_save({"state_dict": state, "config": to_dict(loop.cfg), **loop.job.final}, loop.out / "model.pt")
+    return {"finished": True, **summary, "model": str(loop.out / "model.pt")}
 
 
 def poly_lr(base_lr: float, step: int, total_steps: int, power: float) -> float:

@@ -50,3 +50,42 @@ def mean_average_precision(scores: torch.Tensor, labels: torch.Tensor) -> float:
     ap = average_precision(scores, labels)
     ap = ap[~torch.isnan(ap)]
     return float(ap.mean()) if len(ap) else float("nan")
+
+
+class _ValImages(torch.utils.data.Dataset):
+    """Val images resized so the long side is `long_side`, normalised; no augmentation."""
+
+    def __init__(self, data, long_side: int):
+        self.data, self.long_side = data, long_side
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from ..data.transforms import normalize, resize_long
+
+        return normalize(resize_long(self.data.load_image(i), self.long_side))
+
+
+def map_validator(data, long_side: int, num_workers: int, device: torch.device):
+    """(model) -> {"val_map": mAP} of a CAM network on the split `data`: train-cam's per-epoch figure.
+
+    Each image's score per class is the mean of the branches' sigmoid scores over the image and its
+    flip (one forward of the pair, the image's long side at `long_side`: amr-official's AMMs take
+    their eval statistics over that pair, as make-cam); mAP over the classes present in the split.
+    """
+    labels = torch.from_numpy(data.labels.astype("float32"))
+    # Its own generator: the val pass never draws from the global RNG the training run uses.
+    loader = torch.utils.data.DataLoader(_ValImages(data, long_side), batch_size=1,
+                                         num_workers=min(num_workers, 2), generator=torch.Generator())
+
+    def evaluate(model: torch.nn.Module) -> dict:
+        scores = []
+        for image in loader:
+            x = image.to(device)
+            out = model(torch.cat([x, x.flip(-1)]))  # batch size 1: the image, then its flip
+            probs = [torch.sigmoid(v.float()) for k, v in out.items() if k.startswith("logits_")]
+            scores.append(torch.stack(probs).mean(dim=(0, 1))[None].cpu())
+        return {"val_map": mean_average_precision(torch.cat(scores), labels)}
+
+    return evaluate

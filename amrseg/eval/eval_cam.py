@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..cam.io import BRANCH_ARRAYS, fuse, load_cam
+from ..data.voc import IGNORE
 from ..runtime import progress as progress_bar
 from ..errors import AmrsegError
 from .metrics import iou_from_confusion, sweep_confusion
@@ -117,11 +118,11 @@ def evaluate_cams(
         if keys.size and keys[-1] >= data.num_classes:
             raise AmrsegError(f"{path}: class key {int(keys[-1])} beyond the {data.num_classes} classes")
         counts = np.bincount(mask.ravel(), minlength=256)
-        bad = np.flatnonzero(counts[num_classes:255]) + num_classes
+        bad = np.flatnonzero(counts[num_classes:IGNORE]) + num_classes
         if bad.size:
             raise AmrsegError(
                 f"{data.root}: mask of image '{data.ids[i]}' has labels {bad.tolist()} outside "
-                f"0..{num_classes - 1} and 255"
+                f"0..{num_classes - 1} and {IGNORE}"
             )
         gt = torch.from_numpy(mask).to(device)
         keys_t = torch.from_numpy(keys).to(device)

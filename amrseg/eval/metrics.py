@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ..data.voc import IGNORE
+
 
 def _check_labels(gt: torch.Tensor, pred: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """Raises ValueError unless every counted label lies in [0, num_classes).
@@ -23,7 +25,7 @@ def _check_labels(gt: torch.Tensor, pred: torch.Tensor, num_classes: int, ignore
 
 
 def confusion_matrix(
-    pred: torch.Tensor, gt: torch.Tensor, num_classes: int, ignore_index: int = 255
+    pred: torch.Tensor, gt: torch.Tensor, num_classes: int, ignore_index: int = IGNORE
 ) -> torch.Tensor:
     """Counts (ground truth, prediction) pairs over all pixels whose label is not ignored.
 
@@ -73,7 +75,7 @@ def sweep_confusion(
     gt: torch.Tensor,
     thresholds: torch.Tensor,
     num_classes: int,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE,
 ) -> torch.Tensor:
     """Confusion matrices of one image at every background threshold, in one pass.
 

@@ -13,9 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AMMConfig, Config, ModelConfig
-from ..errors import AmrsegError
+from ..errors import AmrsegError, brief
 from .amm import AMM
-from .resnet import ResNet, _key_list, _one_line, build_resnet, load_pretrained
+from .optim import sgd_groups
+from .backbones import build_backbone
+from .resnet import ResNet, key_list, load_pretrained
 
 _SUFFIX = {"spotlight": "s", "compensation": "c"}
 
@@ -73,7 +75,7 @@ class AMRNet(nn.Module):
         fixed = model_cfg.fixed_bn and model_cfg.pretrained != "none"
 
         def backbone(block_amm=None) -> ResNet:
-            return build_resnet(model_cfg.backbone, model_cfg.base_width, model_cfg.strides, fixed, block_amm)
+            return build_backbone(model_cfg.backbone, model_cfg.base_width, model_cfg.strides, fixed, block_amm)
 
         self.spotlight = CAMBranch(backbone(), num_classes)
         self.compensation: Optional[CAMBranch] = None
@@ -133,8 +135,8 @@ class AMRNet(nn.Module):
         """
         names = []
         if model_cfg.freeze_stem and model_cfg.pretrained != "none":
-            for branch, _ in self.branches():
-                names += [f"{branch}.backbone.conv1", f"{branch}.backbone.bn1"]
+            for branch, module in self.branches():
+                names += [f"{branch}.backbone.{n}" for n in module.backbone.stem_names]
         if model_cfg.freeze_spotlight_backbone:
             names.append("spotlight.backbone")
         if model_cfg.freeze_compensation:
@@ -183,8 +185,8 @@ class AMRNet(nn.Module):
                 key = "backbone" if ".backbone." in name and ".amm." not in name else "new"
             groups.setdefault(key, []).append(p)
         rates = {"backbone": lr, "new": lr * new_lr_mult, "base": lr, "compensation": lr * new_lr_mult}
-        return [{"params": groups[k], "lr": rates[k], "initial_lr": rates[k], "weight_decay": weight_decay,
-                 "name": k} for k in ("backbone", "new", "base", "compensation") if k in groups]
+        return sgd_groups([(k, groups[k], rates[k]) for k in ("backbone", "new", "base", "compensation") if k in groups],
+                          weight_decay)
 
 
 def read_run_weights(source: str, flag: str) -> dict:
@@ -197,7 +199,7 @@ def read_run_weights(source: str, flag: str) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise AmrsegError(f"{flag}: cannot read {path} ({_one_line(e)})") from None
+        raise AmrsegError(f"{flag}: cannot read {path} ({brief(e)})") from None
     # model.pt holds {'state_dict': ...}; a checkpoint.pt of the same run holds {'model': ...}.
     wrapped = [obj[k] for k in ("state_dict", "model") if isinstance(obj, dict) and isinstance(obj.get(k), dict)]
     if not wrapped:
@@ -213,8 +215,8 @@ def load_prefixed(module: nn.Module, state: dict, prefix: str, flag: str) -> Non
     unexpected = [k for k in sub if k not in own]
     what = prefix.split(".")[0]
     if missing or unexpected:
-        parts = [f"missing {what} keys: {_key_list(missing)}"] if missing else []
-        parts += [f"unexpected {what} keys: {_key_list(unexpected)}"] if unexpected else []
+        parts = [f"missing {what} keys: {key_list(missing)}"] if missing else []
+        parts += [f"unexpected {what} keys: {key_list(unexpected)}"] if unexpected else []
         raise AmrsegError(f"{flag}: the run does not fit this model's {prefix.rstrip('.')} ({'; '.join(parts)})")
     for key, value in sub.items():
         if not isinstance(value, torch.Tensor) or value.shape != own[key].shape:

@@ -15,13 +15,13 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import SegModelConfig
 from ..errors import AmrsegError
 from .amr import load_backbone_weights
-from .resnet import ResNet, build_resnet
+from .optim import sgd_groups
+from .backbones import build_backbone
 
 # output stride -> (strides, dilations) of layer1..4; the stem is /4.
 _LAYOUTS = {8: ((1, 2, 1, 1), (1, 1, 2, 4)), 16: ((1, 2, 2, 1), (1, 1, 1, 2))}
@@ -66,8 +66,8 @@ class DeepLabV2(nn.Module):
             raise AmrsegError(f"config key 'model.output_stride': {cfg.output_stride} is not one of 8, 16")
         strides, dilations = _LAYOUTS[cfg.output_stride]
         fixed = cfg.fixed_bn and cfg.pretrained != "none"
-        self.backbone: ResNet = build_resnet(cfg.backbone, cfg.base_width, strides, fixed, dilations=dilations,
-                                             first_dilations=first_block_dilations(dilations, cfg.dilation_style))
+        self.backbone = build_backbone(cfg.backbone, cfg.base_width, strides, fixed, dilations=dilations,
+                                       first_dilations=first_block_dilations(dilations, cfg.dilation_style))
         self.aspp = ASPP(self.backbone.out_channels, num_classes, cfg.aspp_rates)
         self.num_classes = num_classes
 
@@ -76,10 +76,8 @@ class DeepLabV2(nn.Module):
 
     def param_groups(self, lr: float, new_lr_mult: float, weight_decay: float) -> list[dict]:
         """Backbone at lr, the new ASPP layers at lr * new_lr_mult (DeepLab: 10x)."""
-        groups = [("backbone", list(self.backbone.parameters()), lr),
-                  ("aspp", list(self.aspp.parameters()), lr * new_lr_mult)]
-        return [{"params": ps, "lr": g_lr, "initial_lr": g_lr, "weight_decay": weight_decay, "name": name}
-                for name, ps, g_lr in groups]
+        return sgd_groups([("backbone", self.backbone.parameters(), lr),
+                           ("aspp", self.aspp.parameters(), lr * new_lr_mult)], weight_decay)
 
 
 def build_deeplab(cfg: SegModelConfig, num_classes: int, load_weights: bool = True) -> DeepLabV2:
@@ -88,16 +86,3 @@ def build_deeplab(cfg: SegModelConfig, num_classes: int, load_weights: bool = Tr
     if load_weights:
         load_backbone_weights(model.backbone, cfg.pretrained, cfg.backbone)
     return model
-
-
-def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
-    """Cross-entropy of the scores, upsampled bilinearly to the label size, over pixels not ignored.
-
-    Mean over the counted pixels of the whole batch; 0 (with a gradient path) when every pixel is
-    ignored, where plain cross-entropy gives NaN.
-    """
-    if logits.shape[-2:] != labels.shape[-2:]:
-        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    per_pixel = F.cross_entropy(logits.float(), labels.long(), ignore_index=ignore_index, reduction="none")
-    counted = (labels != ignore_index).sum()
-    return per_pixel.sum() / counted.clamp(min=1)

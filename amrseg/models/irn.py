@@ -9,7 +9,7 @@ default strides) is frozen: no gradient, always in eval mode, its features compu
   concatenated; 1x1 conv with bias to one logit per pixel. IRN's order: GroupNorm, upsample, ReLU.
 - displacement: the same kind of heads, wider; the three deep ones fused at stride 8, upsampled x2
   to stride 4 and fused with the two shallow ones into a 2-channel field (dy, dx) in stride-4
-  pixels (sign convention: refine.affinity.displacement_loss).
+  pixels (sign convention: models.losses.displacement_loss).
 
 Both outputs lie on the stride-4 grid of ceil(H / 4) x ceil(W / 4) pixels (the stem's output),
 which is also the grid of the IR labels (LabelTrainDataset with label_stride 4). At inference
@@ -19,25 +19,16 @@ an image with zeros to its right and below.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import IRNConfig, IRNModelConfig, merge
-from ..fileio import load_torch
-from ..errors import AmrsegError
-from ..refine.affinity import (
-    affinity_loss,
-    boundary_to_affinity,
-    displacement_loss,
-    extract_pairs,
-)
+from ..config import IRNModelConfig
 from .amr import load_backbone_weights
-from .resnet import ResNet, build_resnet
+from .optim import sgd_groups
+from .backbones import build_backbone
 
 
 def _head(cin: int, cout: int, groups: int, up: int = 1) -> nn.Sequential:
@@ -75,11 +66,11 @@ class IRN(nn.Module):
 
     def __init__(self, cfg: IRNModelConfig):
         super().__init__()
-        self.backbone: ResNet = build_resnet(cfg.backbone, cfg.base_width, cfg.strides, fixed_bn=cfg.fixed_bn)
+        self.backbone = build_backbone(cfg.backbone, cfg.base_width, cfg.strides, fixed_bn=cfg.fixed_bn)
         self.backbone.requires_grad_(False)
         self.backbone.eval()
         w = cfg.base_width
-        in_ch = [w, *self.backbone.stage_channels]  # stem, layer1..4
+        in_ch = [self.backbone.stem_channels, *self.backbone.stage_channels]  # stem, layer1..4
         # Strides of the five feature maps (stem /4, IRN's layers /4 /8 /16 /16): powers of 2.
         stride = [4]
         for s in cfg.strides:
@@ -131,9 +122,7 @@ class IRN(nn.Module):
         edge = [*self.edge_heads.parameters(), *self.edge_out.parameters()]
         dp = [*self.dp_shallow.parameters(), *self.dp_deep.parameters(), *self.dp_deep_fuse.parameters(),
               *self.dp_fuse.parameters()]
-        groups = [("edge", edge, lr), ("displacement", dp, lr * new_lr_mult)]
-        return [{"params": ps, "lr": g_lr, "initial_lr": g_lr, "weight_decay": weight_decay, "name": name}
-                for name, ps, g_lr in groups]
+        return sgd_groups([("edge", edge, lr), ("displacement", dp, lr * new_lr_mult)], weight_decay)
 
 
 def inference_canvas(size: int, crop: int, multiple: int) -> int:
@@ -165,29 +154,6 @@ def infer_boundary(model: IRN, image: torch.Tensor, crop: int) -> torch.Tensor:
     return torch.sigmoid(logits[0] / 2 + logits[1].flip(-1) / 2)
 
 
-def irn_loss(outputs: dict[str, torch.Tensor], label: torch.Tensor, radius: int) -> dict[str, torch.Tensor]:
-    """IRN's training loss on the stride-4 IR labels.
-
-    Args:
-        outputs: IRN.forward's dict.
-        label: [B, h, w] IR labels (0 background, class ids, 255 unknown) on the outputs' grid.
-        radius: affinity radius (AMR.md section 7: 10).
-
-    Returns:
-        pos_bg, pos_fg, neg (affinity_loss of the boundary-derived affinities), dp_fg, dp_bg
-        (displacement_loss), and total = boundary total + displacement total.
-    """
-    logits = outputs["boundary_logits"].float()
-    if tuple(label.shape) != tuple(logits.shape):
-        raise AmrsegError(f"IR labels {tuple(label.shape)} do not match the boundary map {tuple(logits.shape)}")
-    pairs = extract_pairs(label, radius)
-    aff = affinity_loss(boundary_to_affinity(torch.sigmoid(logits), radius), pairs)
-    dp = displacement_loss(outputs["displacement"].float(), pairs, radius)
-    out = {k: aff[k] for k in ("pos_bg", "pos_fg", "neg")}
-    out.update(dp_fg=dp["dp_fg"], dp_bg=dp["dp_bg"], total=aff["total"] + dp["total"])
-    return out
-
-
 # --------------------------------------------------------------------------- weights
 
 
@@ -196,20 +162,3 @@ def build_irn(cfg: IRNModelConfig) -> IRN:
     model = IRN(cfg)
     load_backbone_weights(model.backbone, cfg.pretrained, cfg.backbone)
     return model
-
-
-def load_irn(run: Path, device: torch.device) -> tuple[IRN, IRNConfig, list[str]]:
-    """The trained IRN of a train-irn run directory (RUN/model.pt), in eval mode on `device`."""
-    run = Path(run)
-    state = load_torch(run / "model.pt", "trained IRN (is the run finished? resume it with train-irn --resume)")
-    if not isinstance(state.get("state_dict"), dict) or not isinstance(state.get("config"), dict):
-        raise AmrsegError(f"{run / 'model.pt'}: not a train-irn model file (no state_dict/config)")
-    cfg = merge(IRNConfig(), state["config"])
-    model = IRN(dataclasses.replace(cfg.model, pretrained="none"))
-    try:
-        model.load_state_dict(state["state_dict"])
-    except RuntimeError as e:
-        raise AmrsegError(f"{run / 'model.pt'}: weights do not fit the saved config "
-                          f"({str(e).splitlines()[0]})") from None
-    return model.to(device).eval(), cfg, list(state.get("class_names") or [])
-

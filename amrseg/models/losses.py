@@ -1,10 +1,19 @@
-"""AMR's training losses (AMR.md section 3): pure functions of the network outputs and labels."""
+"""Every training loss of amrseg: pure functions of the network outputs and labels.
+
+- AMR (AMR.md section 3): `classification_loss`, `cps_loss`, `area_loss`, their sum `amr_loss`;
+- IRN (AMR.md section 7): `affinity_loss` (class boundaries), `displacement_loss`, their sum `irn_loss`;
+- DeepLab: `segmentation_loss`.
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 from ..config import LossConfig
+from ..data.voc import IGNORE
+from .affinity import boundary_to_affinity, extract_pairs, pair_values, search_offsets
+
+_EPS = 1e-5  # IRN's guard inside the logs
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -78,3 +87,108 @@ def amr_loss(out: dict[str, torch.Tensor], labels: torch.Tensor, cfg: LossConfig
     if cfg.area_weight:
         total = total + cfg.area_weight * terms["area"]
     return {"total": total, **terms}
+
+
+# --------------------------------------------------------------------------- IRN
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over ``mask``; 0 (with a gradient path) when the mask is empty."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def affinity_loss(aff: torch.Tensor, pairs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """IRN's class-boundary loss on predicted affinities.
+
+    Args:
+        aff: [B, D, h, w] affinities in [0, 1] (e.g. from :func:`boundary_to_affinity`).
+        pairs: The masks of :func:`extract_pairs`, same shape.
+
+    Returns:
+        ``pos_bg`` and ``pos_fg``: mean of ``-log(aff + 1e-5)`` over those pairs; ``neg``: mean
+        of ``-log(1 + 1e-5 - aff)`` over negative pairs (each 0 when it has no pairs); ``total``
+        = pos_bg / 4 + pos_fg / 4 + neg / 2 (IRN balances background against foreground
+        positives, then positives against negatives).
+    """
+    pos = -torch.log(aff + _EPS)
+    neg = -torch.log(1.0 + _EPS - aff)
+    out = {
+        "pos_bg": _masked_mean(pos, pairs["pos_bg"]),
+        "pos_fg": _masked_mean(pos, pairs["pos_fg"]),
+        "neg": _masked_mean(neg, pairs["neg"]),
+    }
+    out["total"] = out["pos_bg"] / 4 + out["pos_fg"] / 4 + out["neg"] / 2
+    return out
+
+
+def displacement_loss(disp: torch.Tensor, pairs: dict[str, torch.Tensor], radius: int) -> dict[str, torch.Tensor]:
+    """IRN's displacement-field loss.
+
+    Sign convention: ``disp[:, :, y, x] = (dy, dx)`` is the vector from pixel p = (y, x) to the
+    centroid of its instance, in pixels of the map. Two pixels p and q = p + d of one instance
+    share the centroid, ``p + D(p) = q + D(q)``, so ``D(p) - D(q) = d``. IRN approximates
+    "same instance" by "same class within the radius" (``pos_fg``); background pairs should
+    have no relative displacement, ``D(p) - D(q) = 0`` (IRN's ``dp_bg`` term, on the pair
+    difference as in its release).
+
+    Args:
+        disp: [B, 2, H, W] predicted displacements (dy, dx).
+        pairs: The masks of :func:`extract_pairs` for the same map and radius.
+        radius: Affinity radius.
+
+    Returns:
+        ``dp_fg``: mean over ``pos_fg`` pairs and the two coordinates of ``|D(p) - D(q) - d|``
+        (IRN's sum of the L1 norms divided by 2 * count); ``dp_bg``: the same of ``|D(p) - D(q)|``
+        over ``pos_bg`` pairs (each 0 without pairs); ``total`` = their mean.
+    """
+    if disp.dim() != 4 or disp.shape[1] != 2:
+        raise ValueError(f"displacement field must be [B, 2, H, W], got {tuple(disp.shape)}")
+    src, dst = pair_values(disp, radius)
+    diff = src - dst  # [B, 2, D, h, w]: D(p) - D(p + d)
+    target = torch.tensor(search_offsets(radius), dtype=diff.dtype, device=diff.device)  # [D, 2]
+    target = target.T.reshape(1, 2, -1, 1, 1)
+    out = {
+        "dp_fg": _masked_mean((diff - target).abs().mean(dim=1), pairs["pos_fg"]),
+        "dp_bg": _masked_mean(diff.abs().mean(dim=1), pairs["pos_bg"]),
+    }
+    out["total"] = out["dp_fg"] / 2 + out["dp_bg"] / 2
+    return out
+
+
+def irn_loss(outputs: dict[str, torch.Tensor], label: torch.Tensor, radius: int) -> dict[str, torch.Tensor]:
+    """IRN's training loss on the stride-4 IR labels.
+
+    Args:
+        outputs: IRN.forward's dict.
+        label: [B, h, w] IR labels (0 background, class ids, IGNORE unknown) on the outputs' grid.
+        radius: affinity radius (AMR.md section 7: 10).
+
+    Returns:
+        pos_bg, pos_fg, neg (affinity_loss of the boundary-derived affinities), dp_fg, dp_bg
+        (displacement_loss), and total = boundary total + displacement total.
+    """
+    logits = outputs["boundary_logits"].float()
+    if tuple(label.shape) != tuple(logits.shape):
+        raise ValueError(f"IR labels {tuple(label.shape)} do not match the boundary map {tuple(logits.shape)}")
+    pairs = extract_pairs(label, radius)
+    aff = affinity_loss(boundary_to_affinity(torch.sigmoid(logits), radius), pairs)
+    dp = displacement_loss(outputs["displacement"].float(), pairs, radius)
+    out = {k: aff[k] for k in ("pos_bg", "pos_fg", "neg")}
+    out.update(dp_fg=dp["dp_fg"], dp_bg=dp["dp_bg"], total=aff["total"] + dp["total"])
+    return out
+
+
+# --------------------------------------------------------------------------- DeepLab
+
+
+def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE) -> torch.Tensor:
+    """Cross-entropy of the scores, upsampled bilinearly to the label size, over pixels not ignored.
+
+    Mean over the counted pixels of the whole batch; 0 (with a gradient path) when every pixel is
+    ignored, where plain cross-entropy gives NaN.
+    """
+    if logits.shape[-2:] != labels.shape[-2:]:
+        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    per_pixel = F.cross_entropy(logits.float(), labels.long(), ignore_index=ignore_index, reduction="none")
+    counted = (labels != ignore_index).sum()
+    return per_pixel.sum() / counted.clamp(min=1)

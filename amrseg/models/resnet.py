@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import AmrsegError
+from ..errors import AmrsegError, brief
 
 IMAGENET_URLS = {
     # The V1 weights that WSSS repositories (IRN, AMR) were trained from.
@@ -130,10 +130,15 @@ class ResNet(nn.Module):
             replace_stride_with_dilation gives the first block the previous layer's dilation
             (1, 1, 1, 2 for the DeepLab layout above).
 
-    Attributes:
-        stage_channels: output channels of layer1..4. out_channels: those of layer4.
-        output_stride: input size / feature size.
+    Attributes (the backbone contract, models/backbones.py):
+        stem_channels: those of the stem (base_width). stage_channels: output channels of layer1..4.
+        out_channels: those of layer4. strides, dilations: of layer1..4, as built.
+        output_stride: input size / feature size. norm_layer: as given.
+        imagenet_url: torchvision's V1 weights of this depth (they need base width 64).
+        stem_names: conv1, bn1: what model.freeze_stem freezes.
     """
+
+    stem_names = ("conv1", "bn1")
 
     def __init__(self, depth: int, base_width: int = 64, strides: Sequence[int] = (1, 2, 2, 1),
                  norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
@@ -151,6 +156,9 @@ class ResNet(nn.Module):
             raise AmrsegError(f"ResNet first-block dilations {list(first_dilations)}: expected 4 positive values")
         block, counts = _DEPTHS[depth]
         self.depth, self.base_width = depth, base_width
+        self.strides, self.dilations = tuple(int(s) for s in strides), tuple(int(d) for d in dilations)
+        self.norm_layer, self.stem_channels = norm_layer, base_width
+        self.imagenet_url = IMAGENET_URLS.get(f"resnet{depth}")
         self.conv1 = nn.Conv2d(3, base_width, 7, stride=2, padding=3, bias=False)
         self.bn1 = norm_layer(base_width)
         self.relu = nn.ReLU(inplace=True)
@@ -213,22 +221,18 @@ def build_resnet(name: str, base_width: int = 64, strides: Sequence[int] = (1, 2
     names = {f"resnet{d}": d for d in _DEPTHS}
     if name not in names:
         raise AmrsegError(f"backbone {name!r}: unknown (valid: {', '.join(names)})")
-    norm = FixedBatchNorm2d if fixed_bn else nn.BatchNorm2d
-    return ResNet(names[name], base_width, strides, norm, block_amm, dilations, first_dilations)
+    return ResNet(names[name], base_width, strides, norm_layer_of(fixed_bn), block_amm, dilations, first_dilations)
+
+
+def norm_layer_of(fixed_bn: bool) -> Callable[[int], nn.Module]:
+    """FixedBatchNorm2d for fixed BN, else nn.BatchNorm2d."""
+    return FixedBatchNorm2d if fixed_bn else nn.BatchNorm2d
 
 
 # --------------------------------------------------------------------------- weights
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-def _one_line(err: BaseException) -> str:
-    """The error's message on one line, without terminal escape codes; a long one to its first sentence."""
-    text = " ".join(_ANSI.sub("", str(err)).split()) or type(err).__name__
-    if len(text) > 200 and ". " in text[:200]:
-        text = text[: text.index(". ") + 1]
-    return text[:200]
 
 
 def _not_weights(path: Path) -> Optional[str]:
@@ -264,7 +268,7 @@ def _download(url: str, flag: str) -> dict:
     try:
         return torch.hub.load_state_dict_from_url(url, **kwargs)
     except Exception as e:  # network, HTTP, hash or unpickling errors: all mean "get it yourself"
-        raise AmrsegError(f"--pretrained {flag}: cannot download {url} ({_one_line(e)}); "
+        raise AmrsegError(f"--pretrained {flag}: cannot download {url} ({brief(e)}); "
                           f"download it yourself and pass --pretrained PATH") from None
 
 
@@ -283,7 +287,7 @@ def _read_file(path: str) -> dict:
         if obj:
             raise AmrsegError(f"--pretrained {path}: holds a pickled {obj} (a whole model saved with "
                               f"torch.save(model)?), not a plain state dict; save model.state_dict() instead") from None
-        raise AmrsegError(f"--pretrained {path}: cannot read weights ({_one_line(e)})") from None
+        raise AmrsegError(f"--pretrained {path}: cannot read weights ({brief(e)})") from None
 
 
 def _clean_state_dict(obj, where: str) -> dict[str, torch.Tensor]:
@@ -304,7 +308,7 @@ def _clean_state_dict(obj, where: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _key_list(keys: list[str]) -> str:
+def key_list(keys: list[str]) -> str:
     shown = ", ".join(keys[:8])
     return shown + (f" ... and {len(keys) - 8} more" if len(keys) > 8 else "")
 
@@ -316,7 +320,8 @@ def load_pretrained(model: ResNet, source: str, depth_name: str) -> None:
         model: the backbone.
         source: 'imagenet' (torchvision's V1 weights of `depth_name`), an http(s) URL, or a
             local file; 'none' does nothing.
-        depth_name: resnet18/34/50/101, picks the ImageNet URL and names the net in errors.
+        depth_name: the backbone's name (resnet18/34/50/101), for the errors; 'imagenet' is the
+            backbone's own imagenet_url.
 
     Raises:
         AmrsegError: one line naming the file (or URL) when it cannot be had or does not fit.
@@ -327,9 +332,9 @@ def load_pretrained(model: ResNet, source: str, depth_name: str) -> None:
         if model.base_width != 64:
             raise AmrsegError(f"--pretrained imagenet: needs base width 64 (got {model.base_width}); "
                               f"pass --pretrained PATH or none")
-        if depth_name not in IMAGENET_URLS:
+        if not getattr(model, "imagenet_url", None):
             raise AmrsegError(f"--pretrained imagenet: no ImageNet weights for {depth_name!r}")
-        raw = _download(IMAGENET_URLS[depth_name], source)
+        raw = _download(model.imagenet_url, source)
     elif source.startswith(("http://", "https://")):
         raw = _download(source, source)
     else:
@@ -346,9 +351,9 @@ def load_pretrained(model: ResNet, source: str, depth_name: str) -> None:
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing keys: {_key_list(missing)}")
+            parts.append(f"missing keys: {key_list(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys: {_key_list(unexpected)}")
+            parts.append(f"unexpected keys: {key_list(unexpected)}")
         raise AmrsegError(f"--pretrained {where}: weights do not fit {depth_name} with base width "
                           f"{model.base_width} ({'; '.join(parts)})")
     for key, value in state.items():

@@ -7,17 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from amrseg.cam.methods import DEFAULT_THRESHOLDS  # noqa: F401 ({cam method: (fg, bg)}, read from CAM_METHODS)
+from amrseg.data.voc import IGNORE
 from amrseg.errors import AmrsegError
 
-IGNORE = 255
-
-# (fg, bg) confidence thresholds per CAM method: IRN's for plain/Grad-CAM maps, the AMR release's
-# for AdvCAM maps (which are flatter after the adversarial climbing, hence higher thresholds).
-DEFAULT_THRESHOLDS: dict[str, tuple[float, float]] = {
-    "cam": (0.30, 0.05),
-    "gradcam": (0.30, 0.05),
-    "advcam": (0.60, 0.33),
-}
 
 
 def crf_inference_label(

@@ -4,7 +4,7 @@ The walk works at the CAMs' strided resolution (stride 4 in IRN, :func:`walk`); 
 upsamples the walked maps to the image, normalises them there and puts the background plane in front;
 :func:`rw_label` takes the argmax.
 
-Two forms of the affinity matrix: dense (:func:`sparse_affinity`, :func:`random_walk`), the
+Two forms of the affinity matrix: dense (:func:`dense_affinity`, :func:`random_walk`), the
 reference the tests check against, and sparse (:func:`affinity_coo`, :func:`random_walk_sparse`),
 which :func:`walk` uses. A VOC image has N ~ 12k pixels at stride 4: the dense matrix is
 N^2 floats (0.5 GB), the sparse one N (2D + 1) entries (D = 34 offsets at radius 5).
@@ -19,8 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from amrseg.errors import AmrsegError
-from amrseg.refine.affinity import boundary_to_affinity, crop_of, search_offsets
+from ..models.affinity import boundary_to_affinity, crop_of, search_offsets
 
 _NORMS = ("global", "per_class")
 
@@ -29,9 +28,9 @@ _NORMS = ("global", "per_class")
 def one_cpu_thread(device: torch.device) -> Iterator[None]:
     """Torch on one intra-op thread for the block when ``device`` is the CPU; the count is restored.
 
-    The walk's products are small and many (2^8 per image): on a loaded 2-core machine a 94 x 125
-    grid (a VOC image at stride 4) walked in 0.4-0.55 s on one thread and 13-17 s on two. Other
-    work (DataLoader workers, a CRF pool) keeps the other cores busy anyway.
+    The walk's products are small and many (2^8 per image): on a loaded CPU, threads that wait on
+    each other cost far more than they share (NOTES.md, "Random walk"). Other work (DataLoader
+    workers, a CRF pool) keeps the other cores busy anyway.
     """
     if torch.device(device).type != "cpu":
         yield
@@ -44,75 +43,71 @@ def one_cpu_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _step(trans: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """One walk step of the [N, C] block: ``T x``."""
+def walk_step(trans: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """One step of the sparse walk for the [N, C] block of maps: ``T x``."""
     return trans @ x
 
 
-def sparse_affinity(aff: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """Dense symmetric affinity matrix over an h x w grid from per-offset affinities.
+def _pairs(aff: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(p, q, affinity)`` of every pair of the grid, as flat pixel indices (row-major) and values.
 
     Args:
         aff: [D, h, w]; ``aff[k, y, x]`` is the affinity between pixel (y, x) and
-            (y + dy_k, x + dx_k). Entries whose target lies outside the grid are ignored.
+            (y + dy_k, x + dx_k). Entries whose target lies outside the grid are left out.
         offsets: The D offsets (dy_k, dx_k), one of each +/- pair (no pair may appear twice).
+    """
+    if aff.dim() != 3 or aff.shape[0] != len(offsets):
+        raise ValueError(f"per-offset affinities {tuple(aff.shape)} do not match {len(offsets)} offsets")
+    _, h, w = aff.shape
+    index = torch.arange(h * w, device=aff.device).view(h, w)
+    src, dst, val = [index.new_zeros(0)], [index.new_zeros(0)], [aff.new_zeros(0)]
+    for k, (dy, dx) in enumerate(offsets):
+        ys = slice(max(0, -dy), h - max(0, dy))
+        xs = slice(max(0, -dx), w - max(0, dx))
+        src.append(index[ys, xs].reshape(-1))
+        dst.append(src[-1] + dy * w + dx)
+        val.append(aff[k, ys, xs].reshape(-1))
+    return torch.cat(src), torch.cat(dst), torch.cat(val)
+
+
+def dense_affinity(aff: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Dense symmetric affinity matrix over an h x w grid from per-offset affinities.
+
+    Args:
+        aff: [D, h, w] per-offset affinities, offsets: their D offsets (as for :func:`_pairs`).
 
     Returns:
         [N, N] matrix, N = h * w (row-major pixel index), with A[p, q] = A[q, p] = the pair's
         affinity, 1 on the diagonal (IRN adds the identity: every pixel keeps part of its own
         mass) and 0 for pixels out of reach.
     """
-    if aff.dim() != 3 or aff.shape[0] != len(offsets):
-        raise AmrsegError(
-            f"per-offset affinities {tuple(aff.shape)} do not match {len(offsets)} offsets"
-        )
-    _, h, w = aff.shape
-    n = h * w
+    src, dst, val = _pairs(aff, offsets)
+    n = aff.shape[1] * aff.shape[2]
     dense = aff.new_zeros(n, n)
-    index = torch.arange(n, device=aff.device).view(h, w)
-    for k, (dy, dx) in enumerate(offsets):
-        rows = slice(max(0, -dy), h - max(0, dy))
-        cols = slice(max(0, -dx), w - max(0, dx))
-        src = index[rows, cols].reshape(-1)
-        dst = src + dy * w + dx
-        val = aff[k, rows, cols].reshape(-1)
-        dense[src, dst] = val
-        dense[dst, src] = val
+    dense[src, dst] = val
+    dense[dst, src] = val
     dense.fill_diagonal_(1.0)
     return dense
 
 
 def affinity_coo(aff: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """The matrix of :func:`sparse_affinity` as a sparse COO tensor (same entries, same layout).
+    """The matrix of :func:`dense_affinity` as a sparse COO tensor (same entries, same layout).
 
     Args:
-        aff: [D, h, w] per-offset affinities (as for :func:`sparse_affinity`).
+        aff: [D, h, w] per-offset affinities (as for :func:`dense_affinity`).
         offsets: The D offsets, one of each +/- pair.
 
     Returns:
         Coalesced sparse [N, N] tensor on ``aff``'s device: both (p, q) and (q, p) for each pair
         in the grid, and the unit diagonal.
     """
-    if aff.dim() != 3 or aff.shape[0] != len(offsets):
-        raise AmrsegError(
-            f"per-offset affinities {tuple(aff.shape)} do not match {len(offsets)} offsets"
-        )
-    _, h, w = aff.shape
-    n = h * w
-    index = torch.arange(n, device=aff.device).view(h, w)
-    rows, cols, vals = [index.reshape(-1)], [index.reshape(-1)], [aff.new_ones(n)]
-    for k, (dy, dx) in enumerate(offsets):
-        ys = slice(max(0, -dy), h - max(0, dy))
-        xs = slice(max(0, -dx), w - max(0, dx))
-        src = index[ys, xs].reshape(-1)
-        dst = src + dy * w + dx
-        val = aff[k, ys, xs].reshape(-1)
-        rows += [src, dst]
-        cols += [dst, src]
-        vals += [val, val]
-    indices = torch.stack([torch.cat(rows), torch.cat(cols)])
+    src, dst, val = _pairs(aff, offsets)
+    n = aff.shape[1] * aff.shape[2]
+    diag = torch.arange(n, device=aff.device)
+    indices = torch.stack([torch.cat([diag, src, dst]), torch.cat([diag, dst, src])])
+    values = torch.cat([aff.new_ones(n), val, val])
     # Indices are in range by construction: skip the invariant checks (and their warning).
-    return torch.sparse_coo_tensor(indices, torch.cat(vals), (n, n), check_invariants=False).coalesce()
+    return torch.sparse_coo_tensor(indices, values, (n, n), check_invariants=False).coalesce()
 
 
 def random_walk_sparse(
@@ -135,23 +130,23 @@ def random_walk_sparse(
         [C, h, w] propagated maps (float32), on ``cams``' device.
     """
     if cams.dim() != 3:
-        raise AmrsegError(f"random walk maps must be [C, h, w], got {tuple(cams.shape)}")
+        raise ValueError(f"random walk maps must be [C, h, w], got {tuple(cams.shape)}")
     c, h, w = cams.shape
     n = h * w
     if not aff.is_sparse or tuple(aff.shape) != (n, n):
-        raise AmrsegError(f"sparse affinity matrix {tuple(aff.shape)} does not match {h}x{w} maps")
+        raise ValueError(f"sparse affinity matrix {tuple(aff.shape)} does not match {h}x{w} maps")
     aff = aff.to(device=cams.device, dtype=torch.float32).coalesce()
     rows = aff.indices()[0]
     scaled = aff.values().clamp(min=0) ** beta
     row_sum = torch.zeros(n, device=cams.device).index_add_(0, rows, scaled)
     trans = torch.sparse_coo_tensor(aff.indices(), scaled / row_sum[rows], (n, n), check_invariants=False)
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": CSR products are ~1.5x COO's
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": CSR products are the faster (NOTES.md)
         warnings.simplefilter("ignore", UserWarning)
         trans = trans.to_sparse_csr()
     x = cams.reshape(c, n).to(torch.float32).T.contiguous()  # [N, C]
     with one_cpu_thread(x.device):
         for _ in range(2**exp_times):
-            x = _step(trans, x)
+            x = walk_step(trans, x)
     return x.T.reshape(c, h, w)
 
 
@@ -186,7 +181,7 @@ def random_walk(
 
     Args:
         cams: [C, h, w] maps (any planes: the walk treats each alike).
-        aff_dense: [N, N] affinities over the h * w pixels (:func:`sparse_affinity`).
+        aff_dense: [N, N] affinities over the h * w pixels (:func:`dense_affinity`).
         beta: Affinity exponent.
         exp_times: The walk takes ``2 ** exp_times`` steps.
         squaring: True: ``T^(2^k)`` by squaring ``exp_times`` times (IRN); False: ``2^k``
@@ -197,11 +192,11 @@ def random_walk(
         [C, h, w] propagated maps, on ``cams``' device.
     """
     if cams.dim() != 3:
-        raise AmrsegError(f"random walk maps must be [C, h, w], got {tuple(cams.shape)}")
+        raise ValueError(f"random walk maps must be [C, h, w], got {tuple(cams.shape)}")
     c, h, w = cams.shape
     n = h * w
     if tuple(aff_dense.shape) != (n, n):
-        raise AmrsegError(f"affinity matrix {tuple(aff_dense.shape)} does not match {h}x{w} maps")
+        raise ValueError(f"affinity matrix {tuple(aff_dense.shape)} does not match {h}x{w} maps")
     trans = transition_matrix(aff_dense.to(device=cams.device, dtype=torch.float32), beta)
     # IRN's column-normalised matrix; maps as rows ([C, N] @ [N, N]), which is also the fast layout.
     step = trans.T
@@ -235,7 +230,7 @@ def walk(
     2. Affinities from :func:`boundary_to_affinity` over every pixel of the grid (the boundary is
        padded with 1 so border pixels get their in-grid pairs), as a sparse matrix
        (:func:`affinity_coo`), then :func:`random_walk_sparse` of the class planes (``sparse``
-       False: the dense :func:`sparse_affinity` and :func:`random_walk`, the reference). On the
+       False: the dense :func:`dense_affinity` and :func:`random_walk`, the reference). On the
        CPU all of it runs on one torch thread (:func:`one_cpu_thread`).
 
     The walked maps are returned as they are: IRN normalises them only after upsampling them to the
@@ -254,7 +249,7 @@ def walk(
         [n, h, w] walked maps (float32), on ``cams``' device.
     """
     if cams.dim() != 3 or boundary.shape != cams.shape[1:]:
-        raise AmrsegError(
+        raise ValueError(
             f"CAMs {tuple(cams.shape)} and boundary {tuple(boundary.shape)} do not match"
         )
     n, h, w = cams.shape
@@ -267,14 +262,14 @@ def walk(
     offsets = search_offsets(radius)
     crop = crop_of(offsets)
     # Pad so that the cropped "from" pixels of boundary_to_affinity are exactly the h x w grid;
-    # pairs reaching into the padding are dropped by sparse_affinity.
+    # pairs reaching into the padding are dropped by _pairs.
     pad = (crop.max_dx_neg, crop.max_dx_pos, 0, crop.max_dy)
     padded = F.pad(boundary[None, None], pad, value=1.0)
     with one_cpu_thread(x.device):
         aff = boundary_to_affinity(padded[:, 0], radius)[0]
         if sparse:
             return random_walk_sparse(x, affinity_coo(aff, offsets), beta=beta, exp_times=exp_times)
-        return random_walk(x, sparse_affinity(aff, offsets), beta=beta, exp_times=exp_times)
+        return random_walk(x, dense_affinity(aff, offsets), beta=beta, exp_times=exp_times)
 
 
 def walk_scores(
@@ -306,13 +301,13 @@ def walk_scores(
         (:func:`rw_label`).
     """
     if norm not in _NORMS:
-        raise AmrsegError(f"unknown random-walk normalisation {norm!r}; choose from {list(_NORMS)}")
+        raise ValueError(f"unknown random-walk normalisation {norm!r}; choose from {list(_NORMS)}")
     if walked.dim() != 3:
-        raise AmrsegError(f"walked maps must be [n, h, w], got {tuple(walked.shape)}")
+        raise ValueError(f"walked maps must be [n, h, w], got {tuple(walked.shape)}")
     n, h, w = walked.shape
     height, width = size
     if not (0 < height <= stride * h and 0 < width <= stride * w):
-        raise AmrsegError(f"image size {height}x{width} does not fit a {h}x{w} grid at stride {stride}")
+        raise ValueError(f"image size {height}x{width} does not fit a {h}x{w} grid at stride {stride}")
     background = torch.full((1, height, width), float(bg_threshold), device=walked.device)
     if n == 0:
         return background
@@ -342,7 +337,7 @@ def rw_label(maps: torch.Tensor | np.ndarray, keys: np.ndarray) -> np.ndarray:
     maps = maps.detach().cpu().numpy() if isinstance(maps, torch.Tensor) else np.asarray(maps)
     keys = np.asarray(keys, dtype=np.int64).reshape(-1)
     if maps.ndim != 3 or maps.shape[0] != keys.shape[0] + 1:
-        raise AmrsegError(
+        raise ValueError(
             f"maps of shape {maps.shape} do not match {keys.shape[0]} keys plus background"
         )
     class_ids = np.concatenate([[0], keys + 1]).astype(np.uint8)

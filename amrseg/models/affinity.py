@@ -1,4 +1,4 @@
-"""IRN inter-pixel affinities (Ahn et al., CVPR 2019): pairs, their loss, and boundary -> affinity.
+"""IRN inter-pixel affinities (Ahn et al., CVPR 2019): pairs and boundary -> affinity (losses: models.losses).
 
 Geometry shared by every function here. The offsets ``d = (dy, dx)`` are the displacements with
 ``0 < dy^2 + dx^2 < radius^2``, one of each +/- pair (``dy > 0`` or ``dy == 0 and dx > 0``),
@@ -15,10 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from amrseg.errors import AmrsegError
-
-IGNORE = 255
-_EPS = 1e-5  # IRN's guard inside the logs
+from ..data.voc import IGNORE
+from ..errors import AmrsegError
 
 
 def search_offsets(radius: int) -> list[tuple[int, int]]:
@@ -91,7 +89,7 @@ def extract_pairs(label: torch.Tensor, radius: int) -> dict[str, torch.Tensor]:
         Pairs touching 255 are in none of them.
     """
     if label.dim() != 3:
-        raise AmrsegError(f"affinity labels must be [B, H, W], got {tuple(label.shape)}")
+        raise ValueError(f"affinity labels must be [B, H, W], got {tuple(label.shape)}")
     offsets = search_offsets(radius)
     crop = crop_of(offsets)
     src = _shifted(label, crop, 0, 0).unsqueeze(1)  # [B, 1, h, w]
@@ -103,35 +101,6 @@ def extract_pairs(label: torch.Tensor, radius: int) -> dict[str, torch.Tensor]:
         "pos_fg": valid & same & (src != 0),
         "neg": valid & ~same,
     }
-
-
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``x`` over ``mask``; 0 (with a gradient path) when the mask is empty."""
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-def affinity_loss(aff: torch.Tensor, pairs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """IRN's class-boundary loss on predicted affinities.
-
-    Args:
-        aff: [B, D, h, w] affinities in [0, 1] (e.g. from :func:`boundary_to_affinity`).
-        pairs: The masks of :func:`extract_pairs`, same shape.
-
-    Returns:
-        ``pos_bg`` and ``pos_fg``: mean of ``-log(aff + 1e-5)`` over those pairs; ``neg``: mean
-        of ``-log(1 + 1e-5 - aff)`` over negative pairs (each 0 when it has no pairs); ``total``
-        = pos_bg / 4 + pos_fg / 4 + neg / 2 (IRN balances background against foreground
-        positives, then positives against negatives).
-    """
-    pos = -torch.log(aff + _EPS)
-    neg = -torch.log(1.0 + _EPS - aff)
-    out = {
-        "pos_bg": _masked_mean(pos, pairs["pos_bg"]),
-        "pos_fg": _masked_mean(pos, pairs["pos_fg"]),
-        "neg": _masked_mean(neg, pairs["neg"]),
-    }
-    out["total"] = out["pos_bg"] / 4 + out["pos_fg"] / 4 + out["neg"] / 2
-    return out
 
 
 def pair_values(x: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,46 +116,12 @@ def pair_values(x: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tenso
         :func:`extract_pairs` with a channel axis in front of the offset axis.
     """
     if x.dim() != 4:
-        raise AmrsegError(f"pair values need a [B, C, H, W] map, got {tuple(x.shape)}")
+        raise ValueError(f"pair values need a [B, C, H, W] map, got {tuple(x.shape)}")
     offsets = search_offsets(radius)
     crop = crop_of(offsets)
     src = _shifted(x, crop, 0, 0).unsqueeze(2)
     dst = torch.stack([_shifted(x, crop, dy, dx) for dy, dx in offsets], dim=2)
     return src, dst
-
-
-def displacement_loss(disp: torch.Tensor, pairs: dict[str, torch.Tensor], radius: int) -> dict[str, torch.Tensor]:
-    """IRN's displacement-field loss.
-
-    Sign convention: ``disp[:, :, y, x] = (dy, dx)`` is the vector from pixel p = (y, x) to the
-    centroid of its instance, in pixels of the map. Two pixels p and q = p + d of one instance
-    share the centroid, ``p + D(p) = q + D(q)``, so ``D(p) - D(q) = d``. IRN approximates
-    "same instance" by "same class within the radius" (``pos_fg``); background pairs should
-    have no relative displacement, ``D(p) - D(q) = 0`` (IRN's ``dp_bg`` term, on the pair
-    difference as in its release).
-
-    Args:
-        disp: [B, 2, H, W] predicted displacements (dy, dx).
-        pairs: The masks of :func:`extract_pairs` for the same map and radius.
-        radius: Affinity radius.
-
-    Returns:
-        ``dp_fg``: mean over ``pos_fg`` pairs and the two coordinates of ``|D(p) - D(q) - d|``
-        (IRN's sum of the L1 norms divided by 2 * count); ``dp_bg``: the same of ``|D(p) - D(q)|``
-        over ``pos_bg`` pairs (each 0 without pairs); ``total`` = their mean.
-    """
-    if disp.dim() != 4 or disp.shape[1] != 2:
-        raise AmrsegError(f"displacement field must be [B, 2, H, W], got {tuple(disp.shape)}")
-    src, dst = pair_values(disp, radius)
-    diff = src - dst  # [B, 2, D, h, w]: D(p) - D(p + d)
-    target = torch.tensor(search_offsets(radius), dtype=diff.dtype, device=diff.device)  # [D, 2]
-    target = target.T.reshape(1, 2, -1, 1, 1)
-    out = {
-        "dp_fg": _masked_mean((diff - target).abs().mean(dim=1), pairs["pos_fg"]),
-        "dp_bg": _masked_mean(diff.abs().mean(dim=1), pairs["pos_bg"]),
-    }
-    out["total"] = out["dp_fg"] / 2 + out["dp_bg"] / 2
-    return out
 
 
 def path_points(dy: int, dx: int) -> list[tuple[int, int]]:
@@ -195,9 +130,8 @@ def path_points(dy: int, dx: int) -> list[tuple[int, int]]:
     Every point c of the bounding box of the segment from (0, 0) to d = (dy, dx) whose distance to
     the line through them is below 1: ``(dy * c_x - dx * c_y)^2 < dy^2 + dx^2`` (IRN's
     misc/indexing.py). A band about two pixels wide, so a boundary one pixel wide, in any direction,
-    always meets it: 14.0 points per offset on average at radius 10, against 6.9 on the thin
-    rounded line that amrseg drew before. Endpoints included; the path of ``-d`` is the mirror of
-    that of ``d``. Points in row-major order.
+    always meets it (NOTES.md, "Affinity path": against the thin line amrseg drew before).
+    Endpoints included; the path of ``-d`` is the mirror of that of ``d``. Points in row-major order.
 
     Args:
         dy, dx: The offset, not both 0.
@@ -250,7 +184,7 @@ def boundary_to_affinity(boundary: torch.Tensor, radius: int) -> torch.Tensor:
         [B, D, h, w] affinities over the cropped "from" pixels (module docstring).
     """
     if boundary.dim() != 3:
-        raise AmrsegError(f"boundary map must be [B, H, W], got {tuple(boundary.shape)}")
+        raise ValueError(f"boundary map must be [B, H, W], got {tuple(boundary.shape)}")
     offsets = search_offsets(radius)
     crop = crop_of(offsets)
     height, width = boundary.shape[-2:]
@@ -259,8 +193,8 @@ def boundary_to_affinity(boundary: torch.Tensor, radius: int) -> torch.Tensor:
         raise AmrsegError(f"map of size {(height, width)} is too small for the affinity radius")
     # Each row (and each column) of a path is one run of adjacent points. The max over a run of k
     # points is read from a running max over k pixels, computed once per k and direction, so an
-    # offset costs one read per run, not one per point (the paths hold 14 points on average at
-    # radius 10, in 3.5 runs of the shorter direction).
+    # offset costs one read per run, not one per point (a path holds a few runs of several points:
+    # NOTES.md, "Affinity path").
     runs: dict[tuple[int, bool], torch.Tensor] = {(1, True): boundary, (1, False): boundary}
 
     def running_max(k: int, horizontal: bool) -> torch.Tensor:
