@@ -2,7 +2,6 @@
 and the one run loader's wrong-kind error from every command."""
 import json
 
-import pytest
 import yaml
 
 from amrseg.cli import main
