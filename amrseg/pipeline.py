@@ -193,6 +193,8 @@ def run_step(step: Step, show_progress: Optional[bool]) -> dict:
             check_resume(step.config, run_dir)  # the same config, or one line naming the differences
             return {"finished": True, "out": str(run_dir)}
         resume = (run_dir / "checkpoint.pt").is_file()
+        if not resume:
+            _discard_unsaved_run(step, run_dir)
         summary = module.run(step.config, Path(step.out), resume=resume, show_progress=show_progress)
         if not summary.get("finished", True):
             raise KeyboardInterrupt
@@ -207,6 +209,21 @@ def run_step(step: Step, show_progress: Optional[bool]) -> dict:
         return summary
     result = module.run(step.config, show_progress=show_progress)
     return result[0] if isinstance(result, tuple) else result
+
+
+def _discard_unsaved_run(step: Step, run_dir: Path) -> None:
+    """A run of this step killed before its first checkpoint left only its config and log: it is
+    started again (its config must be the step's, else one line naming the differences)."""
+    import shutil
+
+    from .engine.trainer import RUN_FILES, check_resume
+
+    found = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
+    if not found:
+        return
+    check_resume(step.config, run_dir)
+    for path in found:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def run_experiment(experiment: Union[str, Path], out: Optional[Union[str, Path]] = None,

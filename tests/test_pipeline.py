@@ -86,6 +86,29 @@ def test_an_interrupted_run_finishes_with_the_same_figures(tiny_voc, tmp_path, c
     assert _report(part)["stages"][1]["summary"]["skipped"] == 1  # make-cam kept the file written before
 
 
+def test_a_training_killed_before_its_first_checkpoint_starts_again(tiny_voc, tmp_path, capsys):
+    path = _experiment(tmp_path, tiny_voc)
+    whole = tmp_path / "whole"
+    assert main(["run", str(path), "--out", str(whole), "--until", "train-cam"]) == 0
+    # What a kill -9 before the first checkpoint leaves: the run's config and the first log rows.
+    part = tmp_path / "part"
+    (part / "cam").mkdir(parents=True)
+    for name in ("config.yaml", "log.csv"):
+        (part / "cam" / name).write_bytes((whole / "cam" / name).read_bytes())
+    assert main(["run", str(path), "--out", str(part), "--until", "train-cam"]) == 0
+    losses = lambda run: [row.rsplit(",", 1)[0] for row in (run / "log.csv").read_text().splitlines()]  # noqa: E731
+    assert losses(part / "cam") == losses(whole / "cam")  # trained again from the start (images/s aside)
+    # ... but a folder holding another config is not thrown away.
+    other = tmp_path / "other"
+    (other / "cam").mkdir(parents=True)
+    (other / "cam" / "config.yaml").write_text((whole / "cam" / "config.yaml").read_text().replace(
+        "epochs: 2", "epochs: 5"))
+    capsys.readouterr()
+    assert main(["run", str(path), "--out", str(other), "--until", "train-cam"]) == 2
+    assert "differs from this command (train.epochs: 5 -> 2)" in capsys.readouterr().err
+    assert (other / "cam" / "config.yaml").exists()
+
+
 def test_until_and_set_and_a_changed_step_is_refused(tiny_voc, tmp_path, capsys):
     path = _experiment(tmp_path, tiny_voc)
     exp = tmp_path / "exp"
@@ -114,6 +137,23 @@ def test_a_stage_rerun_with_a_changed_threshold_is_refused(tiny_voc, tmp_path, c
                  str(exp / "ir"), "--method", "crf", "--no-crf", "--workers", "0", "--fg-threshold", "0.4"]) == 2
     err = capsys.readouterr().err.strip()
     assert "made with other settings: fg_threshold 0.3 -> 0.4" in err
+
+
+def test_every_stage_command_takes_set(tiny_voc, tmp_path, capsys):
+    path = _experiment(tmp_path, tiny_voc)
+    exp = tmp_path / "exp"
+    assert main(["run", str(path), "--out", str(exp), "--until", "make-cam"]) == 0
+    capsys.readouterr()
+    base = ["eval-cam", "--cams", str(exp / "cams"), "--data", str(tiny_voc), "--split", "train"]
+    assert main([*base, "--threshold", "0.3"]) == 0
+    by_flag = json.loads(capsys.readouterr().out)
+    assert main([*base, "--set", "threshold=0.3"]) == 0
+    assert json.loads(capsys.readouterr().out) == by_flag and by_flag["threshold"] == 0.3
+    assert main([*base, "--set", "nosuch=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("amrseg: error: unknown config key 'nosuch' (valid: cams, data, split, threshold")
+    assert main([*base, "--set", "threshold=-1", "--sweep", "0.1:0.2:0.1"]) == 2
+    assert capsys.readouterr().err.strip() == "amrseg: error: --sweep and --threshold: give one of them"
 
 
 def test_packaged_experiments_resolve(tmp_path, capsys):

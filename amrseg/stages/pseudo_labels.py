@@ -71,6 +71,11 @@ class IRLabelOptions:
     bg_threshold: float  # confident background where both readings say background
     crf: bool = True  # False: the thresholded CAMs without the dense CRF
 
+    def validate(self) -> None:
+        if not 0 <= self.bg_threshold <= self.fg_threshold:
+            raise AmrsegError(f"--bg-threshold {self.bg_threshold} / --fg-threshold {self.fg_threshold}: "
+                              f"need 0 <= bg <= fg")
+
 
 @dataclass
 class WalkOptions:
@@ -84,15 +89,21 @@ class WalkOptions:
     bg_threshold: float = 0.25  # the background plane of the walked maps
     device: str = "auto"
 
+    def validate(self) -> None:
+        if self.radius < 2 or self.exp_times < 0 or self.beta <= 0 or self.cam_power <= 0:
+            raise AmrsegError(f"--radius {self.radius} / --exp-times {self.exp_times} / --beta {self.beta} / "
+                              f"--cam-power {self.cam_power}: need radius >= 2, exp-times >= 0, beta > 0, "
+                              f"cam-power > 0")
+
 
 @dataclass(frozen=True)
 class Refiner:
     """The contract of a refiner (pseudo-labels --method NAME), written once.
 
     Attributes:
-        options: its config dataclass; its fields are the flags (and `--set` keys) it takes, the
-            others' fields are refused. A field without a default is filled from the CAM method
-            (`defaults`) unless given.
+        options: its config dataclass (with `validate()`); its fields are the flags (and `--set` keys)
+            it takes, the others' fields are refused. A field without a default is filled from the
+            CAM method (`defaults`) unless given.
         defaults: (cam method) -> the values of its fields that depend on how the CAMs were made.
         run: (data, CAM paths, OUT, options, workers, show_progress) -> summary: writes OUT/<id>.png
             for every image (skipping the finished ones) and scores them against the masks.
@@ -147,9 +158,6 @@ def _crf_one(task: tuple) -> tuple:
 def ir_labels(data: SegData, cams: list[Path], out: Path, opts: IRLabelOptions, workers: int,
               show_progress: Optional[bool] = None) -> dict:
     """IR labels of every image into `out` over `workers` processes; agreement with the masks."""
-    if not 0 <= opts.bg_threshold <= opts.fg_threshold:
-        raise AmrsegError(f"--bg-threshold {opts.bg_threshold} / --fg-threshold {opts.fg_threshold}: "
-                          f"need 0 <= bg <= fg")
     if opts.crf:
         check_crf_extra()
 
@@ -173,9 +181,6 @@ def ir_labels(data: SegData, cams: list[Path], out: Path, opts: IRLabelOptions, 
 def irn_masks(data: SegData, cams: list[Path], out: Path, opts: WalkOptions, workers: int,
               show_progress: Optional[bool] = None) -> dict:
     """Pseudo masks of every image into `out`; their mIoU against the masks."""
-    if opts.radius < 2 or opts.exp_times < 0 or opts.beta <= 0 or opts.cam_power <= 0:
-        raise AmrsegError(f"--radius {opts.radius} / --exp-times {opts.exp_times} / --beta {opts.beta} / "
-                          f"--cam-power {opts.cam_power}: need radius >= 2, exp-times >= 0, beta > 0, cam-power > 0")
     device = pick_device(opts.device)
     loaded = load_run(Path(opts.irn), "irn", device, flag="--irn")
     crop = loaded.config.data.crop
@@ -219,23 +224,31 @@ REFINERS: dict[str, Refiner] = {
 }
 
 
-def refiner_options(cfg: PseudoLabelConfig, cam_method: Optional[str]) -> Any:
-    """The chosen refiner's options from the flat config: its fields as given, the rest defaults
-    (those that depend on the CAM method from `cam_method`); a field of another refiner is refused."""
+def check_refiner_flags(cfg: PseudoLabelConfig) -> None:
+    """One line for a flag of another refiner than cfg.method's, or a missing required one."""
     refiner = REFINERS[cfg.method]
     own = {f.name for f in dataclasses.fields(refiner.options)}
     for f in dataclasses.fields(PseudoLabelConfig):
-        shared = f.name in _STAGE_FIELDS
-        if not shared and f.name not in own and getattr(cfg, f.name) != f.default:
+        if f.name not in _STAGE_FIELDS and f.name not in own and getattr(cfg, f.name) != f.default:
             raise AmrsegError(f"--{f.name.replace('_', '-')}: not used by --method {cfg.method}"
                               if f.name != "crf" else f"--no-crf: not used by --method {cfg.method}")
+    if "irn" in own and not cfg.irn:
+        raise AmrsegError("--irn RUN: --method irn needs a train-irn run")
+
+
+def refiner_options(cfg: PseudoLabelConfig, cam_method: Optional[str]) -> Any:
+    """The chosen refiner's options from the flat config: its fields as given, the others its
+    defaults (those that depend on the CAM method from `cam_method`); validated."""
+    check_refiner_flags(cfg)
+    refiner = REFINERS[cfg.method]
+    own = {f.name for f in dataclasses.fields(refiner.options)}
     given = {k: getattr(cfg, k) for k in own if getattr(cfg, k, None) is not None}
     needed = [f.name for f in dataclasses.fields(refiner.options)
               if f.default is dataclasses.MISSING and f.name not in given]
-    if "irn" in needed:
-        raise AmrsegError("--irn RUN: --method irn needs a train-irn run")
-    values = {**(refiner.defaults(cam_method) if needed or cfg.method == "crf" else {}), **given}
-    return refiner.options(**{k: v for k, v in values.items() if k in own})
+    values = {**(refiner.defaults(cam_method) if needed else {}), **given}
+    opts = refiner.options(**{k: v for k, v in values.items() if k in own})
+    opts.validate()
+    return opts
 
 
 def _claim(out: Path, cfg: PseudoLabelConfig, data: SegData, settings: dict) -> None:
@@ -255,7 +268,7 @@ def run(cfg: PseudoLabelConfig, show_progress: Optional[bool] = None) -> tuple[d
     """
     cfg.validate()
     check_writable_dir(cfg.out, "--out")
-    refiner_options(cfg, "cam" if cfg.cam_method is None else cfg.cam_method)  # the flags, before any work
+    check_refiner_flags(cfg)  # before any work
     workers = default_workers() if cfg.workers is None else cfg.workers
     if workers < 0:
         raise AmrsegError(f"--workers {workers}: must be 0 or more")
