@@ -367,3 +367,29 @@ def test_pretrain_backbone_stops_at_the_first_non_finite_step(fmnist_dir, tmp_pa
     msg = str(err.value)
     assert msg.startswith("step 1: ") and "not finite" in msg and "no checkpoint was written" in msg, msg
     assert not (tmp_path / "w.pt").exists() and not (tmp_path / "w.pt.run" / "checkpoint.pt").exists()
+
+
+def test_pretrain_sample_order_is_the_shuffling_loaders():
+    """loader_order replays a shuffling DataLoader made anew each epoch around one generator (the
+    recipe before the shared loop), also when the items do not fill the last batch."""
+    import torch
+
+    from amrseg.engine.pretrain import loader_order
+
+    class Items(torch.utils.data.Dataset):
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+        def __getitem__(self, i):
+            return i
+
+    for n, batch in ((37, 4), (36, 4)):
+        g = torch.Generator().manual_seed(3)
+        order = loader_order(3, n)
+        for epoch in range(3):
+            loader = torch.utils.data.DataLoader(Items(n), batch_size=batch, shuffle=True, generator=g,
+                                                 drop_last=True)
+            assert [int(i) for b in loader for i in b] == order(epoch)[: n // batch * batch].tolist()

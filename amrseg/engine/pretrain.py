@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Iterator, Optional, Sequence
+from typing import Callable, ClassVar, Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -248,7 +248,25 @@ def _job(cfg: PretrainConfig, model: Classifier, train_set, aux_targets: list, s
         return {"total": total, "cls": cls}
 
     return Job(name="pretrain-backbone", model=model, param_groups=groups, dataset=train_set, losses=losses,
-               log_keys=["cls"], nesterov=True)
+               log_keys=["cls"], nesterov=True, order=loader_order(cfg.seed, len(train_set)))
+
+
+def loader_order(seed: int, n: int) -> Callable[[int], torch.Tensor]:
+    """(epoch) -> the order of the recipe before the shared loop: a shuffling DataLoader made anew
+    every epoch around one generator seeded once. Each epoch it drew the loader's base seed, the
+    permutation, and (the sampler run to its end) a second permutation for the empty remainder.
+    Kept so that the pretrained weights, and the figures that depend on them (the demo's), stay
+    those of before; the draws were checked against torch's DataLoader (tests)."""
+
+    def order(epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(epoch + 1):
+            torch.empty((), dtype=torch.int64).random_(generator=g)  # the loader's base seed
+            perm = torch.randperm(n, generator=g)
+            torch.randperm(n, generator=g)  # the sampler's remainder, num_samples % n == 0 items
+        return perm
+
+    return order
 
 
 def _test_accuracy(model: Classifier, test_set, num_classes: int, device: torch.device, workers: int) -> tuple:

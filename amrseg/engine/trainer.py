@@ -65,6 +65,9 @@ class Job:
             TensorBoard), never used to pick a model.
         eval_keys: the names `evaluate` returns, in column order.
         nesterov: SGD with Nesterov momentum (pretrain-backbone's recipe).
+        order: (epoch) -> the permutation of the dataset that epoch visits (its tail that does not
+            fill a batch dropped); a function of the epoch only, so that resume stays exact.
+            Default: a shuffle seeded by (train.seed, epoch).
     """
 
     name: str
@@ -77,6 +80,7 @@ class Job:
     evaluate: Optional[Callable[[torch.nn.Module], dict]] = None
     eval_keys: list = field(default_factory=list)
     nesterov: bool = False
+    order: Optional[Callable[[int], torch.Tensor]] = None
 
 
 def log_fields(job: Job) -> list[str]:
@@ -90,8 +94,9 @@ class EpochSampler(torch.utils.data.Sampler):
     left out, which is how a run resumes mid-epoch without touching the data.
     """
 
-    def __init__(self, n: int, global_batch: int, seed: int, dist_info: DistInfo):
-        self.n, self.global_batch, self.seed, self.dist = n, global_batch, seed, dist_info
+    def __init__(self, n: int, global_batch: int, seed: int, dist_info: DistInfo,
+                 order: Optional[Callable[[int], torch.Tensor]] = None):
+        self.n, self.global_batch, self.seed, self.dist, self.order = n, global_batch, seed, dist_info, order
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
@@ -101,8 +106,11 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.n // self.global_batch
 
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g)[: self.batches_per_epoch() * self.global_batch]
+        if self.order is not None:
+            order = self.order(self.epoch)[: self.batches_per_epoch() * self.global_batch]
+        else:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g)[: self.batches_per_epoch() * self.global_batch]
         order = order[self.skip * self.global_batch:]
         return iter(order[self.dist.rank:: self.dist.world_size].tolist())
 
@@ -385,7 +393,7 @@ def _setup(job: Job, cfg: Any, out: Path, resume: bool, device: Optional[torch.d
     device = device or pick_device(tc.device, dist_info.local_rank)
     if tc.batch_size % dist_info.world_size:
         raise AmrsegError(f"--batch-size {tc.batch_size}: must be divisible by the {dist_info.world_size} processes")
-    sampler = EpochSampler(len(job.dataset), tc.batch_size, tc.seed, dist_info)
+    sampler = EpochSampler(len(job.dataset), tc.batch_size, tc.seed, dist_info, job.order)
     if sampler.batches_per_epoch() == 0:
         raise AmrsegError(f"--batch-size {tc.batch_size}: larger than the {len(job.dataset)} images of "
                           f"split '{getattr(cfg, 'split', 'train')}'")
