@@ -84,7 +84,7 @@ class PretrainConfig:
 # and the measured choices of lr, batch, heads and zero-init).
 SOURCE_DEFAULTS = {
     "fashion": {"epochs": 2, "size": 96, "items": 12000, "batch_size": 64, "test_items": 1000},
-    "emoji": {"epochs": 5, "size": 64, "items": 40000, "batch_size": 32, "lr": 0.07,
+    "emoji": {"epochs": 5, "size": 96, "items": 24000, "batch_size": 32, "lr": 0.07,
               "head_lr_mult": 5.0, "aux_weight": 0.5, "zero_init_residual": True, "test_items": 0,
               "num_workers": 1, "threads": -1},
 }
