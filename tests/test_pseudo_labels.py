@@ -11,6 +11,7 @@ from amrseg.cam.io import save_cam
 from amrseg.cli import main
 from amrseg.config import Config, to_dict
 from amrseg.data.voc import open_dataset, read_mask, write_palette_png
+from amrseg.errors import AmrsegError
 from amrseg.models.affinity import search_offsets
 from amrseg.refine.crf import ir_label
 from amrseg.refine.pseudo_labels import strided_cams
@@ -343,3 +344,38 @@ def test_inactive_classes_are_read_as_no_evidence(tmp_path):
     cam = checked_cam(path, (6, 5), num_classes=3)
     np.testing.assert_array_equal(cam["high_res"][0], peak[0])
     assert not cam["high_res"][1].any()
+
+
+# --------------------------------------------------------------------------- the refiner registry's contract
+
+
+@pytest.mark.parametrize("name", sorted(__import__("amrseg.stages.pseudo_labels", fromlist=["x"]).REFINERS))
+def test_refiner_contract(name):
+    """Every refiner of REFINERS: its options are fields the command (and --set) can reach, the
+    CAM method fills every option it leaves open, with valid values, for every registered method,
+    and the options of another refiner are refused in one line."""
+    import dataclasses
+
+    from amrseg.cam.methods import CAM_METHODS
+    from amrseg.stages.pseudo_labels import REFINERS, PseudoLabelConfig, refiner_options
+
+    refiner = REFINERS[name]
+    assert refiner.name == name and callable(refiner.run)
+    stage_fields = {f.name for f in dataclasses.fields(PseudoLabelConfig)}
+    own = {f.name for f in dataclasses.fields(refiner.options)}
+    assert own <= stage_fields, own - stage_fields
+    open_fields = {f.name for f in dataclasses.fields(refiner.options) if f.default is dataclasses.MISSING}
+    base = PseudoLabelConfig(cams="c", data="d", split="s", out="o", method=name,
+                             irn="/some/irn" if "irn" in own else None)
+    for method in CAM_METHODS:
+        filled = refiner.defaults(method)
+        assert open_fields - {"irn"} <= set(filled) <= own
+        opts = refiner_options(base, method)  # validates
+        assert all(getattr(opts, k) == v for k, v in filled.items())
+    for other, entry in REFINERS.items():
+        foreign = {f.name for f in dataclasses.fields(entry.options)} - own - {"crf"}
+        for field in sorted(foreign):
+            typ = {f.name: f.type for f in dataclasses.fields(PseudoLabelConfig)}[field]
+            value = "x" if "str" in str(typ) else 3
+            with pytest.raises(AmrsegError, match=rf"^--{field.replace('_', '-')}: not used by --method {name}$"):
+                refiner_options(dataclasses.replace(base, **{field: value}), "cam")
