@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from .config import flatten, parse_set, read_yaml, resolve
-from .errors import AmrsegError
+from .errors import AmrsegError, one_line
 from .fileio import check_writable_dir, write_text
 from .runs import check_registered
 from .stages import STAGES
@@ -269,7 +269,10 @@ def run_experiment(experiment: Union[str, Path], out: Optional[Union[str, Path]]
         else:
             log(f"== {number}/{len(steps)} {step.name}")
             t0 = time.monotonic()
-            summary = run_step(step, show_progress)
+            try:
+                summary = run_step(step, show_progress)
+            except AmrsegError as e:
+                raise AmrsegError(f"step {step.name}: {one_line(e)}") from None
             entry.update(status="done", seconds=round(time.monotonic() - t0, 1), summary=summary)
             write_text(done, json.dumps({"config": config, "summary": summary, "seconds": entry["seconds"]},
                                         indent=1) + "\n")
