@@ -262,6 +262,8 @@ def run_experiment(experiment: Union[str, Path], out: Optional[Union[str, Path]]
                  "outputs": {k: _relative(v, exp_dir) for k, v in _outputs(step).items()}}
         if STAGES[step.command].trains:
             record["runs"][step.name] = entry["outputs"]["run"]
+        elif step.command == "pretrain-backbone":  # its loss curve: the run folder beside the weights
+            record["runs"][step.name] = _relative(str(STAGES[step.command].load().run_dir(step.config)), exp_dir)
         if done.is_file():
             old = json.loads(done.read_text())
             entry.update(status="skipped (finished)", seconds=old.get("seconds"), summary=old.get("summary"))
