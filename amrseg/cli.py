@@ -33,16 +33,11 @@ def _given(a, cfg: Any, **converted) -> dict:
 
 
 def _run_stage(a, flags: dict, preset: Optional[str] = None):
-    """Resolves the command's config (defaults < flags < --set) and runs its stage."""
-    from .config import resolve
+    """The command's resolved config (defaults < flags < --set) and its stage module."""
     from .stages import STAGES
 
-    from .runs import check_registered
-
     stage = STAGES[a.command]
-    cfg = resolve(stage.default_config(preset) if stage.trains else stage.default_config(), flags, a.set,
-                  checks=(check_registered,) if stage.trains else ())
-    return cfg, stage.load()
+    return stage.resolve(flags, a.set, preset), stage.load()
 
 
 PRETTY = ("eval-cam", "eval-seg", "dataset-info")  # commands that print indented JSON

@@ -273,6 +273,12 @@ def check_choice(key: str, value: Any, valid: Any) -> None:
         raise ConfigError(key, value, f"not one of {', '.join(map(str, valid))}")
 
 
+def check_scales(scales: Any) -> None:
+    """One line unless `scales` (make-cam, eval-seg, predict) is a non-empty list of positive factors."""
+    if not scales or any(s <= 0 for s in scales):
+        raise AmrsegError(f"--scales {list(scales)}: expected positive scales")
+
+
 def check_strides(key: str, strides: Any) -> None:
     if len(strides) != 4 or any(s not in (1, 2) or isinstance(s, bool) for s in strides):
         raise ConfigError(key, strides, "expected 4 strides of 1 or 2")

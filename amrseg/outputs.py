@@ -55,7 +55,8 @@ def read_config(out: Path) -> Optional[dict]:
     return data
 
 
-def _differences(old: dict, new: dict) -> list[str]:
+def differences(old: dict, new: dict) -> list[str]:
+    """'key old -> new' for every key whose value differs (a missing key reads as None)."""
     keys = sorted(set(old) | set(new))
     return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
@@ -83,7 +84,7 @@ def claim_folder(out: Path, settings: dict, flag: str, pattern: str, overwrite: 
     if old is None:
         problem = f"holds {len(existing)} {pattern} files of unknown settings (no {CONFIG})" if existing else None
     else:
-        diff = _differences(old, new)
+        diff = differences(old, new)
         problem = "made with other settings: " + "; ".join(diff) if diff else None
     removed: list[Path] = []
     if problem and not overwrite:

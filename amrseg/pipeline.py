@@ -28,12 +28,12 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
-from .config import flatten, parse_set, read_yaml, resolve
+from .config import flatten, parse_set, read_yaml
 from .errors import AmrsegError, one_line
 from .fileio import check_writable_dir, write_text
-from .runs import check_registered
+from .outputs import differences
 from .stages import STAGES
 
 EXPERIMENT_DIR = Path(__file__).parent / "experiments"
@@ -105,8 +105,7 @@ def _deep_update(base: dict, updates: dict) -> dict:
 class Step:
     name: str
     command: str
-    out: Optional[str]
-    preset: Optional[str]
+    out: Optional[str]  # a training step's run directory
     config: Any  # the resolved config dataclass
 
 
@@ -145,19 +144,15 @@ def plan(spec: dict, exp_dir: Path, overrides: list[str], where: str) -> list[St
         body = {k: ({kk: _in(exp_dir, kk, vv) for kk, vv in v.items()} if isinstance(v, dict) else v)
                 for k, v in body.items()}
         target = _in(exp_dir, "out", step.get("out")) if step.get("out") is not None else None
-        if stage.trains:
-            if target is None:
-                raise AmrsegError(f"{where}: step {name}: a training step needs 'out' (its run directory)")
-            base = stage.default_config(step.get("preset") or "amr")
-        else:
-            base = stage.default_config()
-            if target is not None:
-                body["out"] = target
+        if stage.trains and target is None:
+            raise AmrsegError(f"{where}: step {name}: a training step needs 'out' (its run directory)")
+        if not stage.trains and target is not None:
+            body["out"] = target
         try:
-            cfg = resolve(base, body, by_step.get(name, []), checks=(check_registered,) if stage.trains else ())
+            cfg = stage.resolve(body, by_step.get(name, []), step.get("preset") or "amr")
         except AmrsegError as e:
             raise AmrsegError(f"{where}: step {name}: {e}") from None
-        out.append(Step(name, step["stage"], target, step.get("preset"), cfg))
+        out.append(Step(name, step["stage"], target, cfg))
     return out
 
 
@@ -173,11 +168,6 @@ def _outputs(step: Step) -> dict:
     return found
 
 
-def _differences(old: dict, new: dict) -> str:
-    a, b = flatten(old), flatten(new)
-    return "; ".join(f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
-
-
 def _plain(cfg: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
@@ -187,43 +177,42 @@ def run_step(step: Step, show_progress: Optional[bool]) -> dict:
     module = STAGES[step.command].load()
     if STAGES[step.command].trains:
         run_dir = Path(step.out)
-        if (run_dir / "model.pt").is_file():  # finished, but killed before its record was written
-            from .engine.trainer import check_resume
-
-            check_resume(step.config, run_dir)  # the same config, or one line naming the differences
-            return {"finished": True, "out": str(run_dir)}
-        resume = (run_dir / "checkpoint.pt").is_file()
-        if not resume:
-            _discard_unsaved_run(step, run_dir)
-        summary = module.run(step.config, Path(step.out), resume=resume, show_progress=show_progress)
-        if not summary.get("finished", True):
-            raise KeyboardInterrupt
-        return summary
+        return _train(step.config, run_dir, run_dir / "model.pt",
+                      lambda resume: module.run(step.config, run_dir, resume=resume, show_progress=show_progress))
     if step.command == "pretrain-backbone":
-        if Path(step.config.out).is_file():  # written, but killed before its record
-            return {"finished": True, "out": step.config.out}
-        resume = (module.run_dir(step.config) / "checkpoint.pt").is_file()
-        summary = module.run(step.config, show_progress=show_progress, resume=resume)
-        if not summary.get("finished", True):
-            raise KeyboardInterrupt
-        return summary
+        return _train(step.config.recipe(), module.run_dir(step.config), Path(step.config.out),
+                      lambda resume: module.run(step.config, show_progress=show_progress, resume=resume))
     result = module.run(step.config, show_progress=show_progress)
     return result[0] if isinstance(result, tuple) else result
 
 
-def _discard_unsaved_run(step: Step, run_dir: Path) -> None:
-    """A run of this step killed before its first checkpoint left only its config and log: it is
-    started again (its config must be the step's, else one line naming the differences)."""
+def _train(cfg: Any, run_dir: Path, product: Path, train: Callable[[bool], dict]) -> dict:
+    """A step that trains the run `cfg` in `run_dir` on the shared loop and writes `product` at its end.
+
+    - `product` there (killed before its record was written): finished, once the saved config is
+      found to be `cfg` (else one line naming the differences);
+    - a checkpoint there: resumed;
+    - only the config and log of a run killed before its first checkpoint: started again, under the
+      same condition;
+    - a run stopped before its end (Ctrl-C): KeyboardInterrupt, as the command's exit 130.
+    """
     import shutil
 
     from .engine.trainer import RUN_FILES, check_resume
 
+    if product.is_file():
+        check_resume(cfg, run_dir)
+        return {"finished": True, "out": str(product)}
+    resume = (run_dir / "checkpoint.pt").is_file()
     found = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
-    if not found:
-        return
-    check_resume(step.config, run_dir)
-    for path in found:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if found and not resume:
+        check_resume(cfg, run_dir)
+        for path in found:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    summary = train(resume)
+    if not summary.get("finished", True):
+        raise KeyboardInterrupt
+    return summary
 
 
 def run_experiment(experiment: Union[str, Path], out: Optional[Union[str, Path]] = None,
@@ -250,7 +239,7 @@ def run_experiment(experiment: Union[str, Path], out: Optional[Union[str, Path]]
             old = json.loads(done.read_text()).get("config")
             if old != _plain(step.config):
                 raise AmrsegError(f"step {step.name}: finished with another config "
-                                  f"({_differences(old or {}, _plain(step.config))}); use another --out, or delete "
+                                  f"({'; '.join(differences(flatten(old or {}), flatten(_plain(step.config))))}); use another --out, or delete "
                                   f"{done} and its outputs")
     records: list[dict] = []
     record = {"experiment": name, "file": str(path.resolve()), "out": str(exp_dir.resolve()), "stages": records,

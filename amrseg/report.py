@@ -30,7 +30,7 @@ from PIL import Image
 
 from . import __version__
 from .fileio import atomic_write, save_image, write_text
-from .viz import _panel, colorize, overlay
+from .viz import colorize, overlay, panel
 
 FILES_DIR = "report_files"  # pictures of the page, next to it
 GALLERY_LIMIT = 8  # panels or masks shown per stage output
@@ -306,7 +306,7 @@ def mask_strip(mask_path: Path, image_path: Optional[Path], out: Path) -> bool:
     tiles = [_thumb(colorize(mask), nearest=True)]
     if img is not None and img.shape[:2] == mask.shape:
         tiles = [_thumb(img, False), tiles[0], _thumb(overlay(img, colorize(mask)), False)]
-    save_image(_panel(tiles), out, format="PNG")  # side by side with 4 px gaps, as visualize's panels
+    save_image(panel(tiles), out, format="PNG")  # side by side with 4 px gaps, as visualize's panels
     return True
 
 

@@ -80,7 +80,7 @@ def _tile(rgb: np.ndarray, title: str, nearest: bool = False) -> Image.Image:
     return tile
 
 
-def _panel(tiles: list[Image.Image]) -> Image.Image:
+def panel(tiles: list[Image.Image]) -> Image.Image:
     """Tiles side by side with 4 px gaps."""
     gap = 4
     width = sum(t.width for t in tiles) + gap * (len(tiles) - 1)
@@ -147,7 +147,7 @@ def cam_panel(img: np.ndarray, mask: Optional[np.ndarray], keys: np.ndarray, hig
     for k, m in zip(keys, high_res):
         tiles.append(_tile(overlay(img, heatmap(m)), class_names[k + 1]))
     tiles.append(_tile(colorize(pred), f"prediction t={threshold:.2f}", nearest=True))
-    return _panel(tiles), score
+    return panel(tiles), score
 
 
 def _pct(v: Optional[float]) -> str:

@@ -208,8 +208,7 @@ def test_pseudo_labels_take_a_registered_method_thresholds(toy, tiny_voc, tmp_pa
     from amrseg.cam.io import load_cam, save_cam
     from amrseg.cli import main
     from amrseg.data.voc import open_dataset, read_mask
-    from amrseg.refine.crf import DEFAULT_THRESHOLDS
-    from amrseg.refine.pseudo_labels import default_cam_power
+    from amrseg.cam.methods import DEFAULT_THRESHOLDS, default_cam_power
 
     assert DEFAULT_THRESHOLDS["toy"] == (0.5, 0.2) and default_cam_power("toy") == 2.0
     # CAMs of the toy method, recorded as such in cams.json: pseudo-labels picks its thresholds

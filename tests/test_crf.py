@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from amrseg.errors import AmrsegError
-from amrseg.refine.crf import DEFAULT_THRESHOLDS, crf_inference_label, ir_label
+from amrseg.cam.methods import DEFAULT_THRESHOLDS
+from amrseg.refine.crf import crf_inference_label, ir_label
 
 
 def _two_region_image(size=32):

@@ -262,8 +262,7 @@ def test_irn_pseudo_masks_match_a_slow_reading_of_irn(tiny_voc, tmp_path, capsys
 
 
 def test_cam_power_follows_the_thresholds_of_the_cam_method(tiny_voc, tmp_path, capsys):
-    from amrseg.refine.crf import DEFAULT_THRESHOLDS
-    from amrseg.refine.pseudo_labels import default_cam_power
+    from amrseg.cam.methods import DEFAULT_THRESHOLDS, default_cam_power
 
     assert {m: (DEFAULT_THRESHOLDS[m], default_cam_power(m)) for m in ("cam", "gradcam", "advcam")} == {
         "cam": ((0.30, 0.05), 1.0), "gradcam": ((0.30, 0.05), 1.0), "advcam": ((0.60, 0.33), 1.5)}

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from amrseg.cam.methods import DEFAULT_THRESHOLDS  # noqa: F401 ({cam method: (fg, bg)}, read from CAM_METHODS)
-from amrseg.data.voc import IGNORE
-from amrseg.errors import AmrsegError
-
+from ..data.voc import IGNORE
+from ..errors import AmrsegError
 
 
 def crf_inference_label(

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from ..cam.io import evidence, load_cam
-from ..cam.methods import default_cam_power  # noqa: F401 (the CAM method's, from its registry entry)
 from ..data.transforms import normalize
 from ..data.voc import SegData, read_image
 from ..errors import AmrsegError

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,15 @@ class Stage:
     def default_config(self, preset: Any = None) -> Any:
         mod = self.load()
         return mod.base_config(self.command, preset) if self.trains else getattr(mod, self.config)()
+
+    def resolve(self, flags: dict, overrides: Sequence[str] = (), preset: Any = None) -> Any:
+        """The stage's config: its defaults (train-cam: the preset) < `flags` < `--set` items,
+        validated; a training config's registry names (its backbone) checked too."""
+        from ..config import resolve
+        from ..runs import check_registered
+
+        return resolve(self.default_config(preset), flags, list(overrides),
+                       checks=(check_registered,) if self.trains else ())
 
 
 STAGES: dict[str, Stage] = {s.command: s for s in (

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ..config import check_scales
 from ..data.voc import open_dataset, read_mask, write_palette_png
 from ..errors import AmrsegError
 from ..fileio import check_writable_dir, check_writable_file, write_text
@@ -12,11 +13,6 @@ from ..runs import load_run
 from ..runtime import pick_device
 from ..segment import predict_mask
 from .loop import score_masks
-
-
-def check_scales(scales: list) -> None:
-    if not scales or any(s <= 0 for s in scales):
-        raise AmrsegError(f"--scales {list(scales)}: expected positive scales")
 
 
 @dataclass

@@ -22,6 +22,7 @@ import torch
 
 from ..data.voc import IGNORE, SegData
 from ..errors import AmrsegError
+from ..eval.eval_cam import nan_to_none
 from ..eval.metrics import confusion_matrix, iou_from_confusion
 from ..runtime import DistInfo, progress
 
@@ -66,9 +67,9 @@ class MaskIoU(Scorer):
     def result(self) -> dict:
         if not self.scored:
             return {"miou": None, "iou": {}, "scored_images": 0}
-        iou, miou = iou_from_confusion(self.conf)
-        none = lambda v: None if v != v else float(v)  # noqa: E731 (NaN: a class absent from both)
-        return {"miou": none(miou.item()), "iou": {c: none(v) for c, v in zip(self.class_names, iou.tolist())},
+        iou, miou = iou_from_confusion(self.conf)  # NaN: a class absent from both, reported as None
+        return {"miou": nan_to_none(miou.item()),
+                "iou": {c: nan_to_none(v) for c, v in zip(self.class_names, iou.tolist())},
                 "scored_images": self.scored}
 
 

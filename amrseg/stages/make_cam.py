@@ -13,7 +13,7 @@ import torch
 from ..cam.infer import InferConfig, ImageSet, cams_for_batch, size_batches
 from ..cam.io import CAMS_META, save_cam
 from ..cam.methods import CAM_METHODS
-from ..config import check_choice, check_range
+from ..config import check_choice, check_range, check_scales
 from ..data.voc import SegData, list_images, open_dataset
 from ..errors import AmrsegError
 from ..fileio import check_writable_dir, write_text
@@ -21,6 +21,7 @@ from ..outputs import claim_folder, file_identity
 from ..runs import load_run
 from ..runtime import init_distributed, pick_device
 from .loop import ImageLoop
+
 
 @dataclass
 class MakeCamConfig(InferConfig):
@@ -31,8 +32,7 @@ class MakeCamConfig(InferConfig):
 
     def validate(self) -> None:
         check_choice("method", self.method, tuple(CAM_METHODS))
-        if not self.scales or any(s <= 0 for s in self.scales):
-            raise AmrsegError(f"--scales {self.scales}: expected positive scales")
+        check_scales(self.scales)
         if not 0.0 <= self.xi <= 1.0:
             raise AmrsegError(f"--xi {self.xi}: must be in [0, 1]")
         check_range("batch_size", self.batch_size, lo=1)

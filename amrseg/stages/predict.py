@@ -15,7 +15,7 @@ from typing import Optional
 
 from PIL import Image
 
-from ..config import check_choice, check_range
+from ..config import check_choice, check_range, check_scales
 from ..data.voc import IMAGE_SUFFIXES, SegData, list_images, write_palette_png
 from ..errors import AmrsegError
 from ..fileio import check_writable_dir, atomic_write, save_image
@@ -24,7 +24,6 @@ from ..runs import load_run
 from ..runtime import pick_device
 from ..segment import predict_mask
 from ..viz import colorize, overlay
-from .eval_seg import check_scales
 from .loop import ImageLoop
 
 VOC_TEST_DIR = Path("results/VOC2012/Segmentation/comp6_test_cls")

@@ -21,8 +21,8 @@ from ..data.voc import SegData, open_dataset, read_mask, write_palette_png
 from ..errors import AmrsegError
 from ..fileio import check_writable_dir
 from ..outputs import CONFIG, claim_folder, file_identity
-from ..refine.crf import DEFAULT_THRESHOLDS
-from ..refine.pseudo_labels import IRNInputs, check_crf_extra, default_cam_power, ir_label_of, irn_mask
+from ..cam.methods import DEFAULT_THRESHOLDS, default_cam_power
+from ..refine.pseudo_labels import IRNInputs, check_crf_extra, ir_label_of, irn_mask
 from ..runs import load_run
 from ..runtime import pick_device
 from .loop import ImageLoop, LabelAgreement, MaskIoU
