@@ -13,7 +13,8 @@ setup: .setup-stamp
 test: setup
 	$(PYTHON) -m pytest -q
 
-# The CPU demo is a packaged experiment (amrseg/experiments/demo.yaml); PRESET=amr make demo: another preset.
+# The CPU demo is a packaged experiment (amrseg/experiments/demo.yaml: emoji-VOC; fashion.yaml: the smaller
+# Fashion-MNIST one, `amrseg run fashion`); PRESET=amr make demo: another preset.
 demo: setup
 	$(PYTHON) -m amrseg run demo --out $(DEMO_DIR) $(if $(PRESET),--set preset=$(PRESET))
 

@@ -62,20 +62,25 @@ def run(*args: str) -> None:
 def classifier_metrics(run_dir: Path, data) -> dict:
     """Multi-label mAP and exact-set accuracy of a train-cam run on the split (image + flip, full size)."""
     model = load_run(run_dir, "cam").model
-    scores = []
+    scores, branch_scores = [], {}
     with torch.no_grad():
         for i in range(len(data)):
             x = normalize(data.load_image(i))[None]
             out = model(torch.cat([x, x.flip(-1)]))
-            logits = torch.stack([v for k, v in out.items() if k.startswith("logits_")]).mean(0)
-            scores.append(torch.sigmoid(logits.mean(0)))
+            branches = {k[len("logits_"):]: v.mean(0) for k, v in out.items() if k.startswith("logits_")}
+            for b, v in branches.items():
+                branch_scores.setdefault(b, []).append(torch.sigmoid(v))
+            scores.append(torch.sigmoid(torch.stack(list(branches.values())).mean(0)))
     scores = torch.stack(scores)
     labels = torch.from_numpy(data.labels.astype(np.float32))
+    # Each branch's own mAP: the fused score above averages a strong and a weak branch.
+    by_branch = {b: mean_average_precision(torch.stack(v), labels) for b, v in branch_scores.items()}
     picked = scores > 0.5
     none = ~picked.any(1)
     picked[none, scores[none].argmax(1)] = True
     exact = (picked == (labels > 0)).all(1).float().mean().item()
-    return {"map": mean_average_precision(scores, labels), "exact": exact}
+    return {"map": mean_average_precision(scores, labels), "exact": exact,
+            "map_s": by_branch.get("s"), "map_c": by_branch.get("c")}
 
 
 def map_metrics(cams: Path, data, threshold: float) -> dict:
@@ -168,14 +173,17 @@ def main() -> None:
     def pct(v):
         return "-" if v is None or v != v else f"{100 * v:.1f}"
 
-    lines = [f"CAM quality on {len(val)} val scenes ({a.source}, seed {a.seed}), resnet18 width 32, crop "
+    built = json.loads((scenes / "scenes.json").read_text()) if (scenes / "scenes.json").exists() else {}
+    lines = [f"CAM quality on {len(val)} val scenes ({a.source}, {scenes.name}, scene seed "
+             f"{built.get('seed', '?')}), resnet18 width 32, crop "
              f"{recipe_of['crop']}, train scenes x {a.epochs} epochs, lr {lr if lr is not None else 'default'}, "
              f"scales {a.scales} + flip.", "",
-             "| preset | best threshold | mIoU | cls mAP | exact set | fg precision | fg recall | context as fg "
-             "| train s |", "|---" * 9 + "|"]
+             "| preset | best threshold | mIoU | cls mAP | mAP spotlight / compensation | exact set | fg precision "
+             "| fg recall | context as fg | train s |", "|---" * 10 + "|"]
     for tag, t, miou, _, secs, x in rows:
         secs = "-" if secs is None else f"{secs:.0f}"
-        lines.append(f"| {tag} | {t:.2f} | **{pct(miou)}** | {pct(x['map'])} | {pct(x['exact'])} | "
+        branch_map = pct(x["map_s"]) + ("" if x["map_c"] is None else " / " + pct(x["map_c"]))
+        lines.append(f"| {tag} | {t:.2f} | **{pct(miou)}** | {pct(x['map'])} | {branch_map} | {pct(x['exact'])} | "
                      f"{pct(x['precision'])} | {pct(x['recall'])} | {pct(x['context_fg'])} | {secs} |")
     lines += ["", "Per-class IoU:", "", "| preset | " + " | ".join(["bg", *names]) + " |",
               "|---" * (len(names) + 2) + "|"]

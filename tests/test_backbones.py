@@ -11,19 +11,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from amrseg.config import resolve
-from amrseg.runs import check_registered
 import torch
 from torch import nn
 
 from amrseg.cam.infer import InferConfig, cams_for_images
-from amrseg.config import load_preset, merge
+from amrseg.config import load_preset, merge, resolve
 from amrseg.errors import AmrsegError
 from amrseg.models import backbones
 from amrseg.models.amr import AMRNet
 from amrseg.models.backbones import BACKBONES, build_backbone
 from amrseg.models.resnet import FixedBatchNorm2d, load_pretrained
+from amrseg.runs import check_registered
+from contract import clause_list
 
 WIDTH = 8
 LAYOUTS = [  # strides, dilations of the 4 stages -> output stride
@@ -52,12 +51,7 @@ def _params(module: nn.Module) -> set[int]:
     return {id(p) for p in module.parameters()}
 
 
-CLAUSES = []
-
-
-def clause(f):
-    CLAUSES.append(f)
-    return f
+CLAUSES, clause = clause_list()
 
 
 @clause

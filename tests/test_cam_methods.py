@@ -21,6 +21,7 @@ from amrseg.cam.methods import CAM_METHODS, CamMethod, pair_sum, per_image
 from amrseg.config import load_preset, merge
 from amrseg.errors import AmrsegError
 from amrseg.models.amr import AMRNet
+from contract import clause_list
 
 K = 4
 
@@ -52,12 +53,7 @@ def _maps(name: str, model: AMRNet, images: list[np.ndarray], keys: list, scale:
         return batch, method.maps(model, batch)
 
 
-CLAUSES = []
-
-
-def clause(f):
-    CLAUSES.append(f)
-    return f
+CLAUSES, clause = clause_list()
 
 
 @clause

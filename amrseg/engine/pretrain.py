@@ -31,8 +31,9 @@ from ..data.emoji_scenes import EmojiItemDataset, SpriteCache, resolve_spec
 from ..data.fashion import ItemDataset, find_fmnist, load_fmnist
 from ..errors import AmrsegError
 from ..fileio import atomic_torch_save
+from ..models.backbones import build_backbone
 from ..models.optim import sgd_groups
-from ..models.resnet import BasicBlock, Bottleneck, build_resnet
+from ..models.resnet import BasicBlock, Bottleneck
 from ..runtime import pick_device, seed_everything
 from .trainer import Job, fit, prepare_run
 
@@ -222,7 +223,7 @@ def _torch_threads(cfg: PretrainConfig) -> Iterator[None]:
 def _classifier(cfg: PretrainConfig, num_classes: int, aux_targets: list) -> Classifier:
     # Classification strides (output stride 32, as ImageNet ResNets); strides hold no parameters,
     # so the weights serve any output stride later.
-    model = Classifier(build_resnet(cfg.backbone, cfg.base_width, strides=(1, 2, 2, 2)), num_classes,
+    model = Classifier(build_backbone(cfg.backbone, cfg.base_width, strides=(1, 2, 2, 2)), num_classes,
                        [int(t.max()) + 1 for t in aux_targets])
     if cfg.zero_init_residual:
         zero_init_residual(model.backbone)

@@ -54,8 +54,12 @@ def run(cfg: VisualizeConfig, show_progress: Optional[bool] = False) -> tuple[di
     data = open_dataset(cfg.data, cfg.split, require_labels=False)
     index, warnings = draw_gallery(Path(cfg.cams), data, Path(cfg.out), threshold, cfg.limit, metrics,
                                    cfg.overwrite, show_progress)
-    count = len(data) if cfg.limit is None else min(cfg.limit, len(data))
-    return {"index": str(index), "threshold": threshold, "images": count}, warnings
+    return {"index": str(index), "threshold": threshold, "images": gallery_size(data, cfg.limit)}, warnings
+
+
+def gallery_size(data: SegData, limit: Optional[int]) -> int:
+    """How many images the gallery shows: the first `limit` of the split, or all of it."""
+    return len(data) if limit is None else min(limit, len(data))
 
 
 def draw_gallery(cams_dir: Path, data: SegData, out_dir: Path, threshold: float, limit: Optional[int] = None,
@@ -74,7 +78,7 @@ def draw_gallery(cams_dir: Path, data: SegData, out_dir: Path, threshold: float,
     if limit is not None and limit < 0:
         raise AmrsegError(f"--limit: must be 0 or more, got {limit}")
     cams_dir, out_dir = Path(cams_dir), Path(out_dir)
-    count = len(data) if limit is None else min(limit, len(data))
+    count = gallery_size(data, limit)
     missing = [data.ids[i] for i in range(count) if not (cams_dir / f"{data.ids[i]}.npz").is_file()]
     if missing:
         raise AmrsegError(f"{cams_dir / (missing[0] + '.npz')}: CAM file not found ({len(missing)} of {count} "
