@@ -15,7 +15,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
     fi
 fi
 
-# Fashion-MNIST, the source of the built-in demo scenes (the tests never need it).
+# Fashion-MNIST, the source of the second demo (`amrseg run fashion`; the tests never need it).
 FMNIST=/usr/share/datasets/fashion-mnist
 if [ ! -e "$FMNIST/train-images-idx3-ubyte.gz" ] && [ -z "${AMRSEG_FMNIST:-}" ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
