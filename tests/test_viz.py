@@ -149,3 +149,29 @@ def test_visualize_rejects_malformed_metrics(tmp_path, metrics):
     with pytest.raises(AmrsegError, match="^--metrics: not an eval-cam JSON"):
         visualize(cams, data, tmp_path / "viz", threshold=0.5, metrics=metrics)
     assert not (tmp_path / "viz").exists()
+
+
+def test_readme_figures_stacks_the_demo_pictures(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "readme_figures.py"
+    demo = tmp_path / "demo"
+    (demo / "gallery" / "panels").mkdir(parents=True)
+    (demo / "report_files").mkdir()
+    for i, width in enumerate((50, 70, 60)):  # panels of 2-3 classes differ in width
+        Image.fromarray(np.full((20, width, 3), 40 * i, np.uint8)).save(demo / "gallery" / "panels" / f"val_{i}.png")
+    for stage in ("ir-labels", "pseudo-masks", "eval-seg"):
+        for i in range(3):
+            Image.fromarray(np.full((10, 30, 3), 200, np.uint8)).save(demo / "report_files" / f"masks-08-{stage}-x_{i}.png")
+    out = tmp_path / "img"
+    done = subprocess.run([sys.executable, str(script), str(demo), str(out), "--panels", "2"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    gallery, chain = Image.open(out / "cam-gallery.png"), Image.open(out / "chain.png")
+    assert gallery.size == (70, 20 + 4 + 20)  # the first two panels, the widest sets the width, 4 px apart
+    assert chain.size == (30, 6 * (14 + 10) + 5 * 4)  # 2 images x 3 stages, each under a 14-px label
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    failed = subprocess.run([sys.executable, str(script), str(empty), str(out)], capture_output=True, text=True)
+    assert failed.returncode == 2 and failed.stderr.count("\n") == 1 and str(empty) in failed.stderr
