@@ -1,5 +1,7 @@
-"""The registry contract tests' one helper: an ordered list of clauses and the decorator that fills it."""
-from typing import Callable
+"""The registry contract tests' helpers: the ordered list of clauses, and the test that runs them over a registry."""
+from typing import Callable, Iterable
+
+import pytest
 
 
 def clause_list() -> tuple[list[Callable], Callable]:
@@ -11,3 +13,15 @@ def clause_list() -> tuple[list[Callable], Callable]:
         return f
 
     return clauses, clause
+
+
+def contract_test(clauses: list[Callable], names: Iterable[str]) -> Callable:
+    """A test of every clause on every name (the registry's entries at collection time); bind it to a
+    module-level `test_*` name so that pytest collects it."""
+
+    @pytest.mark.parametrize("name", sorted(names))
+    @pytest.mark.parametrize("check", clauses, ids=[c.__name__ for c in clauses])
+    def test_contract(check, name):
+        check(name)
+
+    return test_contract

@@ -22,7 +22,7 @@ from amrseg.models.amr import AMRNet
 from amrseg.models.backbones import BACKBONES, build_backbone
 from amrseg.models.resnet import FixedBatchNorm2d, load_pretrained
 from amrseg.runs import check_registered
-from contract import clause_list
+from contract import clause_list, contract_test
 
 WIDTH = 8
 LAYOUTS = [  # strides, dilations of the 4 stages -> output stride
@@ -186,10 +186,7 @@ def config_accepts_it(name: str) -> None:
     assert cfg.model.backbone == name
 
 
-@pytest.mark.parametrize("name", sorted(BACKBONES))
-@pytest.mark.parametrize("check", CLAUSES, ids=[c.__name__ for c in CLAUSES])
-def test_contract(check, name):
-    check(name)
+test_contract = contract_test(CLAUSES, BACKBONES)
 
 
 def test_an_unknown_backbone_lists_the_known_ones():
