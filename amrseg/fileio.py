@@ -167,31 +167,27 @@ def save_image(image: Image.Image, path: Union[str, Path], **save_kwargs) -> Non
 def _dir_problem(path: Path, create: bool) -> Optional[str]:
     """Why `path` cannot serve as an output folder (None: it can).
 
-    Folders it has to create for the probe are removed again unless `create`.
+    A folder that does not exist is created only with `create`; otherwise its nearest existing
+    parent is probed, the place its creation needs to write. Nothing is created and removed again,
+    so processes that check one folder at once (torchrun) cannot undo each other's folder.
     """
     if path.exists() and not path.is_dir():
         return "exists and is not a folder"
-    missing = []
-    for parent in [path, *path.parents]:
-        if parent.exists():
-            if not parent.is_dir():
-                return f"{parent} is a file, not a folder"
-            break
-        missing.append(parent)
-    try:
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is a file, not a folder"
+    if create:
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             return f"cannot create the folder ({_reason(e)})"
-        try:
-            os.unlink(_make_temp(path, "write-check"))
-        except OSError as e:
-            return f"cannot write into the folder ({_reason(e)})"
-    finally:
-        if not create:
-            for folder in missing:  # deepest first
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
+    probe = path if path.is_dir() else parent
+    try:
+        os.unlink(_make_temp(probe, "write-check"))
+    except OSError as e:
+        return f"cannot {'write into' if probe == path else 'create'} the folder ({_reason(e)})"
     if path.is_dir():
         _clean_once(path)
     return None

@@ -61,15 +61,13 @@ def differences(old: dict, new: dict) -> list[str]:
     return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
-def claim_folder(out: Path, settings: dict, flag: str, pattern: str, overwrite: bool = False,
-                 write: bool = True) -> list[Path]:
+def claim_folder(out: Path, settings: dict, flag: str, pattern: str, overwrite: bool = False) -> list[Path]:
     """Makes OUT the folder of outputs (`pattern`, e.g. "*.npz") made with `settings`.
 
     - OUT without outputs or config: the settings are recorded.
     - OUT made with the same settings: nothing changes (a re-run finishes what is missing).
     - OUT made with other settings, or holding outputs of unknown origin: refused.
     - `overwrite`: the outputs there are removed first, whatever made them, and all are made anew.
-    `write=False` (the other processes of a sharded run) checks without touching the folder.
 
     Returns:
         The output files removed by `overwrite`.
@@ -89,8 +87,6 @@ def claim_folder(out: Path, settings: dict, flag: str, pattern: str, overwrite: 
     removed: list[Path] = []
     if problem and not overwrite:
         raise AmrsegError(f"{flag} {out}: {problem}; use a new folder or --overwrite")
-    if not write:
-        return removed
     if overwrite:
         for path in existing:
             path.unlink(missing_ok=True)

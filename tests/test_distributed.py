@@ -1,4 +1,5 @@
-"""train-cam and make-cam under torchrun with 2 CPU processes (gloo), against one process.
+"""train-cam and make-cam under torchrun with 2 CPU processes (gloo), against one process; a refused
+make-cam under torchrun.
 
 The commands are run exactly as the README writes them (`torchrun --standalone --nproc_per_node 2
 -m amrseg ...`, with `--run-dir`, which torchrun passes through where it would swallow `--run`).
@@ -67,3 +68,13 @@ def test_torchrun_train_cam_and_make_cam_equal_one_process(tiny_voc, tmp_path, p
         assert sorted(x.files) == sorted(y.files)
         for key in x.files:
             np.testing.assert_allclose(y[key].astype(np.float32), x[key].astype(np.float32), atol=1e-4, err_msg=key)
+
+    # A folder of other settings is refused by the first process, and every process exits with its
+    # one error line; nothing there changes.
+    before = {p.name: p.stat().st_mtime_ns for p in cams2.iterdir()}
+    r = torchrun("make-cam", "--run-dir", single, "--data", tiny_voc, "--split", "train", "--out", cams2,
+                 "--scales", "1.0", "--device", "cpu", cwd=tmp_path)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("amrseg: error:")]
+    assert len(errors) == 2 and all("made with other settings" in e and "scales" in e for e in errors), errors
+    assert {p.name: p.stat().st_mtime_ns for p in cams2.iterdir()} == before

@@ -67,6 +67,10 @@ def test_unwritable_folder_simulated(tmp_path, monkeypatch):
     monkeypatch.setattr(fileio.tempfile, "mkstemp", denied)
     with pytest.raises(AmrsegError, match=r"^--save .*: cannot write into the folder \(Permission denied\)$"):
         check_writable_dir(tmp_path, "--save")
+    # a missing folder is probed in its parent, and nothing is created
+    with pytest.raises(AmrsegError, match=r"^--out .*new/sub: cannot create the folder \(Permission denied\)$"):
+        check_writable_dir(tmp_path / "new" / "sub", "--out")
+    assert not (tmp_path / "new").exists()
     with pytest.raises(AmrsegError, match=r"^.*x.json: cannot write \(Permission denied\)$"):
         write_text(tmp_path / "x.json", "{}")
 

@@ -95,6 +95,20 @@ class LabelAgreement(Scorer):
                 "confident_fraction": float(t[2] / t[3]) if t[3] else None}
 
 
+def on_first(job: Callable[[], None], dist_info: DistInfo) -> None:
+    """Runs `job` (claiming the output folder) in the first process only; every process waits for it
+    and raises its AmrsegError (without torchrun: just `job()`)."""
+    error = None
+    if dist_info.is_main:
+        try:
+            job()
+        except AmrsegError as e:
+            error = str(e)
+    error = agreed(error, dist_info)
+    if error is not None:
+        raise AmrsegError(error)
+
+
 def agreed(work: Optional[list], dist_info: DistInfo) -> list:
     """`work` of the first process, the same list in every process (a no-op without torchrun)."""
     if not dist_info.enabled:

@@ -20,7 +20,7 @@ from ..fileio import check_writable_dir, write_text
 from ..outputs import claim_folder, file_identity
 from ..runs import load_run
 from ..runtime import init_distributed, pick_device
-from .loop import ImageLoop
+from .loop import ImageLoop, on_first
 
 
 @dataclass
@@ -75,12 +75,16 @@ def run(cfg: MakeCamConfig, show_progress: Optional[bool] = None) -> dict:
                           f"{len(class_names) - 1}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    claim_folder(out, made_by(cfg, dataset), "--out", "*.npz", overwrite=cfg.overwrite, write=dist_info.is_main)
-    if dist_info.is_main:
+    settings = made_by(cfg, dataset)
+
+    def claim() -> None:
+        claim_folder(out, settings, "--out", "*.npz", overwrite=cfg.overwrite)
         # What later stages need to know about these maps (pseudo-labels picks its thresholds by method).
         meta = {"method": cfg.method, "run": str(Path(cfg.run).resolve()), "scales": list(cfg.scales), "xi": cfg.xi,
                 **{k: getattr(cfg, k) for k in CAM_METHODS[cfg.method].options}}
         write_text(out / CAMS_META, json.dumps(meta) + "\n")
+
+    on_first(claim, dist_info)
     labels = dataset.labels
 
     def work(shard: list):
