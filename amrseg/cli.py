@@ -484,7 +484,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "CAM method's IR thresholds: 1.5 advcam (0.60/0.33), 1 cam/gradcam (0.30/0.05))")
     s.add_argument("--radius", type=int, help="irn: affinity radius at stride 4 (default 5)")
     s.add_argument("--beta", type=float, help="irn: affinity exponent (default 10)")
-    s.add_argument("--exp-times", type=int, help="irn: the walk takes 2^N steps (default 8)")
+    s.add_argument("--exp-times", type=int,
+                   help="irn: the walk takes 2^N steps (default 8: IRN's, for VOC's ~500 px images; its reach "
+                        "scales with sqrt(steps), so for images of side S px use about 8 + 2 log2(S / 512): "
+                        "5 at 160 px)")
     s.add_argument("--device", choices=list(DEVICES), help="irn: default auto")
     s.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     s.set_defaults(func=cmd_stage)

@@ -20,6 +20,7 @@ from amrseg.refine.random_walk import (
     random_walk,
     dense_affinity,
     random_walk_sparse,
+    suggested_exp_times,
     walk,
 )
 
@@ -208,6 +209,27 @@ def test_irn_pseudo_masks_end_to_end(tiny_voc, tmp_path, capsys):
     again = _summary(capsys)
     assert (again["written"], again["skipped"], again["miou"]) == (0, 4, s["miou"])
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+
+
+def test_suggested_exp_times_scales_the_walk_with_the_image_side():
+    # 8 + 2 log2(side / 512), hand-computed: 512 -> 8, 1024 -> 10, 128 -> 4, 160 -> 4.64 -> 5, 32 -> 0 -> 1
+    assert [suggested_exp_times(s) for s in (512, 1024, 128, 160, 32)] == [8, 10, 4, 5, 1]
+    with pytest.raises(ValueError):
+        suggested_exp_times(0)
+
+
+def test_the_default_walk_on_small_images_warns_with_the_length_that_fits(tiny_voc, tmp_path, capsys):
+    cams = write_cams(tiny_voc, "val", tmp_path / "cams", strided=True)
+    run = _irn_run(tiny_voc, tmp_path, cams)
+    capsys.readouterr()
+    args = ["--irn", str(run), "--workers", "0", "--device", "cpu"]
+    assert _pseudo(cams, tiny_voc, tmp_path / "m8", "irn", *args, split="val") == 0
+    err = capsys.readouterr().err
+    assert "--exp-times: the default 8 (2^8 walk steps) is IRN's for ~500 px images; these are about 32 px, " \
+           "where a walk of 2^1 steps reaches as far (--exp-times 1)" in err
+    # a length given by the user is the user's: no warning
+    assert _pseudo(cams, tiny_voc, tmp_path / "m1", "irn", *args, "--exp-times", "8", split="val") == 0
+    assert "--exp-times" not in capsys.readouterr().err
 
 
 def _odd_sizes(root, split, cuts=((0, 0), (5, 3), (3, 7), (1, 6))):

@@ -214,6 +214,23 @@ def random_walk(
     return x.reshape(c, h, w)
 
 
+IRN_EXP_TIMES = 8  # IRN's 2^8 steps, set for VOC's ~500 px images
+IRN_IMAGE_SIDE = 512
+
+
+def suggested_exp_times(side: float) -> int:
+    """The walk's `exp_times` that gives images of `side` px the reach IRN's 2^8 steps give 512 px.
+
+    A walk of k steps spreads about sqrt(k) radii, while the grid's side grows with the image: so
+    k scales with side^2, `exp_times` = 8 + 2 log2(side / 512), rounded (at least 1). 512 -> 8,
+    160 -> 5, 128 -> 4. On 160 px emoji-VOC scenes 2^5 steps beat IRN's 2^8 (NOTES.md, "The walk's
+    reach").
+    """
+    if side <= 0:
+        raise ValueError(f"image side must be positive, got {side}")
+    return max(1, int(round(IRN_EXP_TIMES + 2 * np.log2(side / IRN_IMAGE_SIDE))))
+
+
 def walk(
     cams: torch.Tensor,
     boundary: torch.Tensor,

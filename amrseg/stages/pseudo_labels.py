@@ -13,16 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 
 from ..cam.io import CAMS_META
 from ..config import check_choice, check_range
-from ..data.voc import SegData, open_dataset, read_mask, write_palette_png
+from ..data.voc import SegData, image_size, open_dataset, read_mask, write_palette_png
 from ..errors import AmrsegError
 from ..fileio import check_writable_dir
 from ..outputs import CONFIG, claim_folder, file_identity
 from ..cam.methods import DEFAULT_THRESHOLDS, default_cam_power
 from ..refine.pseudo_labels import IRNInputs, check_crf_extra, ir_label_of, irn_mask
+from ..refine.random_walk import IRN_EXP_TIMES, suggested_exp_times
 from ..runs import load_run
 from ..runtime import pick_device
 from .loop import ImageLoop, LabelAgreement, MaskIoU
@@ -259,6 +261,20 @@ def _claim(out: Path, cfg: PseudoLabelConfig, data: SegData, settings: dict) -> 
     claim_folder(out, made_by, "--out", "*.png", overwrite=cfg.overwrite)
 
 
+def _walk_reach_warning(data: SegData, exp_times: int) -> list[str]:
+    """A warning when the default walk length does not suit the images' size (their median long
+    side, from up to 25 images' headers)."""
+    if exp_times != IRN_EXP_TIMES or not len(data):
+        return []
+    step = max(1, len(data) // 25)
+    side = float(np.median([max(image_size(data.image_path(i))) for i in range(0, len(data), step)]))
+    better = suggested_exp_times(side)
+    if abs(better - exp_times) < 2:
+        return []
+    return [f"--exp-times: the default {exp_times} (2^{exp_times} walk steps) is IRN's for ~500 px images; these are "
+            f"about {side:.0f} px, where a walk of 2^{better} steps reaches as far (--exp-times {better})"]
+
+
 def run(cfg: PseudoLabelConfig, show_progress: Optional[bool] = None) -> tuple[dict, list[str]]:
     """Writes OUT/<id>.png for every image of the split; returns (JSON summary, warnings).
 
@@ -295,6 +311,8 @@ def run(cfg: PseudoLabelConfig, show_progress: Optional[bool] = None) -> tuple[d
     else:
         _claim(out, cfg, data, summary)
     summary.update(REFINERS[cfg.method].run(data, paths, out, opts, workers, show_progress))
+    if cfg.method == "irn" and cfg.exp_times is None:
+        warnings += _walk_reach_warning(data, opts.exp_times)
     if summary.get("cams_resized"):
         warnings.append(f"--cams {cfg.cams}: {summary['cams_resized']} CAM files have no stride-4 'cam' array "
                         f"(an older make-cam): their high_res maps were resized to the grid instead")
