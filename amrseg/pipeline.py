@@ -51,7 +51,8 @@ def list_experiments() -> list[tuple[str, str]]:
 
 def find_experiment(experiment: Union[str, Path]) -> Path:
     path = Path(experiment)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    # A folder is never the experiment: `make demo` leaves a folder named `demo` where it runs again.
+    if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise AmrsegError(f"EXPERIMENT {experiment}: no such file")
         return path

@@ -156,8 +156,10 @@ def test_every_stage_command_takes_set(tiny_voc, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == "amrseg: error: --sweep and --threshold: give one of them"
 
 
-def test_packaged_experiments_resolve(tmp_path, capsys):
-    from amrseg.pipeline import find_experiment, list_experiments, plan
+def test_packaged_experiments_resolve(tmp_path, capsys, monkeypatch):
+    from amrseg.pipeline import EXPERIMENT_DIR, find_experiment, list_experiments, plan
+
+    packaged_demo = EXPERIMENT_DIR / "demo.yaml"
 
     names = [n for n, _ in list_experiments()]
     assert "demo" in names
@@ -169,6 +171,13 @@ def test_packaged_experiments_resolve(tmp_path, capsys):
         assert len({s.name for s in steps}) == len(steps)
     assert main(["run", "nosuch", "--out", str(tmp_path / "x")]) == 2
     assert "not a file nor a packaged experiment (known: " in capsys.readouterr().err
+    # `make demo` run again where its folder `demo` now is: the name is still the packaged experiment
+    (tmp_path / "demo").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert find_experiment("demo") == find_experiment(str(packaged_demo))
+    (tmp_path / "mine.yaml").mkdir()
+    assert main(["run", "mine.yaml", "--out", str(tmp_path / "y")]) == 2
+    assert "EXPERIMENT mine.yaml: no such file" in capsys.readouterr().err
 
 
 def test_the_wrong_kind_of_run_is_one_line_everywhere(tiny_voc, tmp_path, capsys):
