@@ -55,6 +55,8 @@ def cmd_stage(a) -> int:
     from .stages import STAGES
 
     converted = {"scales": _floats(a.scales, "--scales") if getattr(a, "scales", None) else None}
+    if getattr(a, "count_weights", None):
+        converted["count_weights"] = _floats(a.count_weights, "--count-weights")
     if getattr(a, "no_crf", False):
         converted["crf"] = False
     if a.command == "build-fashion-scenes":
@@ -310,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "Fashion-MNIST scenes")
         s.add_argument("out", metavar="OUT", help="folder to write the dataset into (VOC layout)")
         if fashion_only:
-            s.set_defaults(source="fashion", art=None, context_prob=None)
+            s.set_defaults(source="fashion", art=None, context_prob=None, object_scale=None, count_weights=None)
         else:
             s.add_argument("--source", required=True, choices=list(SOURCES),
                            help="emoji: emoji-VOC; fashion: Fashion-MNIST items")
@@ -318,6 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--context-prob", type=float,
                            help="emoji: mean probability that an object brings its class's context emoji; each "
                                 "image draws its own rate around it (default 0.5)")
+            s.add_argument("--object-scale", type=float,
+                           help="emoji: factor on the objects' size ranges, 0.25-2 (default 1: a lone object's "
+                                "long side 45-100%% of the image)")
+            s.add_argument("--count-weights",
+                           help="emoji: probabilities of 1, 2 and 3 objects per scene, comma-separated "
+                                "(default 0.5,0.3,0.2)")
         s.add_argument("--fmnist", help=fmnist_help)
         s.add_argument("--train", type=int, help="train images (default 10000 emoji, 8000 fashion)" if not fashion_only
                        else "train images (default 8000)")

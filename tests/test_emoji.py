@@ -255,6 +255,48 @@ def test_render_scene_ground_truth_and_context(emoji_art):
     assert seen_context >= 8  # every object brings its context (classes without context aside)
 
 
+def test_composition_knobs_scale_and_count_the_objects(emoji_art):
+    spec, sprites = es.resolve_spec(emoji_art), es.SpriteCache(emoji_art)
+
+    def scenes(**knobs):
+        return [es.render_scene(np.random.default_rng([5, i]), 96, spec, sprites, 0.0, **knobs) for i in range(12)]
+
+    def foreground(rendered):
+        return sum(int(((mask > 0) & (mask != 255)).sum()) for _, mask, _, _ in rendered)
+
+    # area goes with the square of the scale: (0.6 / 1.4)^2 = 0.18; truncation at 1.4 lifts it a little
+    assert foreground(scenes(object_scale=0.6)) < 0.4 * foreground(scenes(object_scale=1.4))
+    assert {comp.n_objects for *_, comp in scenes(count_weights=[1.0, 0.0, 0.0])} == {1}
+    assert {comp.n_objects for *_, comp in scenes(count_weights=[0.0, 0.0, 1.0])} == {3}
+    # the defaults draw exactly what the scenes always drew
+    for (a, ma, _, _), (b, mb, _, _) in zip(scenes(), scenes(object_scale=1.0, count_weights=es.COUNT_WEIGHTS)):
+        assert np.array_equal(a, b) and np.array_equal(ma, mb)
+
+
+def test_build_scenes_records_the_composition_and_checks_it(emoji_art, tmp_path, capsys):
+    out = tmp_path / "held"
+    base = ["build-scenes", str(out), "--source", "emoji", "--art", str(emoji_art), "--train", "2", "--val", "2",
+            "--size", "80"]
+    assert main([*base, "--object-scale", "0.8", "--count-weights", "0.25,0.35,0.4"]) == 0
+    capsys.readouterr()
+    recorded = json.loads((out / "scenes.json").read_text())
+    assert recorded["object_scale"] == 0.8 and recorded["count_weights"] == [0.25, 0.35, 0.4]
+    assert main([*base, "--object-scale", "0.9", "--count-weights", "0.25,0.35,0.4"]) == 2  # other settings
+    assert "built with other settings" in capsys.readouterr().err
+    default = tmp_path / "default"
+    assert main(["build-scenes", str(default), *base[2:]]) == 0
+    assert "object_scale" not in json.loads((default / "scenes.json").read_text())  # unchanged knobs: not recorded
+    capsys.readouterr()
+    for flags, message in ((["--object-scale", "3"], "--object-scale 3.0: must lie in [0.25, 2]"),
+                           (["--count-weights", "0.5,0.5"], "--count-weights 0.5,0.5: need three probabilities"),
+                           (["--count-weights", "a,b,c"], "--count-weights 'a,b,c': expected comma-separated numbers")):
+        assert main(["build-scenes", str(tmp_path / "bad"), *base[2:], *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    assert main(["build-scenes", str(tmp_path / "f"), "--source", "fashion", "--object-scale", "0.8"]) == 2
+    assert "--object-scale: only for --source emoji" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- the dataset
 
 

@@ -373,8 +373,10 @@ class Composition:
     max_truncation: float
 
 
-def draw_composition(rng: np.random.Generator, context_prob: float) -> Composition:
-    """Per-image composition. The context rate has mean `context_prob` (a Beta(2p, 2 - 2p) draw)."""
+def draw_composition(rng: np.random.Generator, context_prob: float,
+                     count_weights: Sequence[float] = COUNT_WEIGHTS) -> Composition:
+    """Per-image composition. The context rate has mean `context_prob` (a Beta(2p, 2 - 2p) draw);
+    1, 2 or 3 objects with probabilities `count_weights`."""
     if context_prob <= 0.0 or context_prob >= 1.0:
         rate = float(context_prob >= 1.0)
     else:
@@ -382,7 +384,7 @@ def draw_composition(rng: np.random.Generator, context_prob: float) -> Compositi
     cmax = int(rng.choice([0, 3, 6, 12]))
     lo = float(rng.uniform(0.06, 0.12))
     return Composition(
-        n_objects=int(rng.choice([1, 2, 3], p=COUNT_WEIGHTS)), context_rate=rate,
+        n_objects=int(rng.choice([1, 2, 3], p=list(count_weights))), context_rate=rate,
         n_clutter=int(rng.integers(0, cmax + 1)), clutter_scale=(lo, lo + float(rng.uniform(0.05, 0.18))),
         front_clutter=float(rng.choice([0.0, 0.15, 0.3])),
         vendor=None if rng.random() < 0.5 else VENDORS[int(rng.integers(len(VENDORS)))],
@@ -462,8 +464,9 @@ def object_mask(inst: np.ndarray, objects: Sequence[tuple], min_pixels: int) -> 
 
 
 def render_scene(rng: np.random.Generator, size: int, spec: EmojiVocSpec, sprites: SpriteCache,
-                 context_prob: float = DEFAULT_CONTEXT_PROB) -> tuple:
-    """One emoji-VOC scene.
+                 context_prob: float = DEFAULT_CONTEXT_PROB, object_scale: float = 1.0,
+                 count_weights: Sequence[float] = COUNT_WEIGHTS) -> tuple:
+    """One emoji-VOC scene; `object_scale` multiplies the objects' size ranges (OBJECT_SCALE).
 
     Returns:
         (image [S, S, 3] uint8, mask [S, S] uint8 with 0 background, 1..20 classes and the 255
@@ -473,7 +476,7 @@ def render_scene(rng: np.random.Generator, size: int, spec: EmojiVocSpec, sprite
     scale_px = size / 128.0
     min_pixels = int(round(MIN_PIXELS * scale_px * scale_px))
     for _ in range(MAX_ATTEMPTS):
-        comp = draw_composition(rng, context_prob)
+        comp = draw_composition(rng, context_prob, count_weights)
         canvas = Image.fromarray(to_uint8(render_background(rng, size)))
         inst = np.zeros((size, size), np.uint8)  # 0 background, k = object k
         parts = np.zeros((size, size), np.uint8)
@@ -489,7 +492,7 @@ def render_scene(rng: np.random.Generator, size: int, spec: EmojiVocSpec, sprite
                       int(rng.integers(-w // 3, size - 2 * w // 3 + 1)), ((inst, 0), (parts, PART_CLUTTER)))
 
         clutter(comp.n_clutter - n_front)
-        lo, hi = OBJECT_SCALE[comp.n_objects]
+        lo, hi = (object_scale * v for v in OBJECT_SCALE[comp.n_objects])
         objects = []  # (class index, full solid pixel count)
         for k in range(1, comp.n_objects + 1):
             c = classes[int(rng.integers(len(classes)))]
@@ -538,9 +541,14 @@ def _settings_match(path: Path, settings: dict) -> bool:
 
 def build_emoji_scenes(out: Union[str, Path], art: Union[str, Path, None] = None, n_train: int = 10000,
                        n_val: int = 1000, size: int = 192, seed: int = 0,
-                       context_prob: float = DEFAULT_CONTEXT_PROB,
+                       context_prob: float = DEFAULT_CONTEXT_PROB, object_scale: float = 1.0,
+                       count_weights: Sequence[float] = COUNT_WEIGHTS,
                        progress: Optional[Callable[[int], object]] = None) -> dict:
     """Writes a VOC-style emoji-VOC dataset (splits train and val) under `out`.
+
+    `context_prob`, `object_scale` (a factor on the objects' size ranges) and `count_weights` (the
+    probabilities of 1, 2, 3 objects) change the composition, e.g. for held-out scenes composed
+    unlike the training ones.
 
     Scene i of a split depends only on (seed, split, i), so a second build writes the same bytes.
     An interrupted build continues where it stopped when run again with the same settings
@@ -560,6 +568,12 @@ def build_emoji_scenes(out: Union[str, Path], art: Union[str, Path, None] = None
             raise AmrsegError(f"{flag} {n}: need at least one image")
     if not 0.0 <= context_prob <= 1.0:
         raise AmrsegError(f"--context-prob {context_prob}: must lie in [0, 1]")
+    if not 0.25 <= object_scale <= 2.0:
+        raise AmrsegError(f"--object-scale {object_scale}: must lie in [0.25, 2]")
+    count_weights = [float(w) for w in count_weights]
+    if len(count_weights) != 3 or min(count_weights) < 0 or abs(sum(count_weights) - 1.0) > 1e-6:
+        raise AmrsegError(f"--count-weights {','.join(map(str, count_weights))}: need three probabilities "
+                          "(1, 2, 3 objects) that sum to 1")
     spec = resolve_spec(art)
     sprites = SpriteCache(spec.root)
     out = Path(out)
@@ -567,6 +581,11 @@ def build_emoji_scenes(out: Union[str, Path], art: Union[str, Path, None] = None
         (out / sub).mkdir(parents=True, exist_ok=True)
     settings = {"source": "emoji", "train": n_train, "val": n_val, "size": size, "seed": seed,
                 "context_prob": context_prob}
+    # recorded only when changed: folders of the default composition keep their scenes.json
+    if object_scale != 1.0:
+        settings["object_scale"] = object_scale
+    if count_weights != list(COUNT_WEIGHTS):
+        settings["count_weights"] = count_weights
     if not _settings_match(out / "scenes.json", settings):
         write_text(out / "scenes.json", json.dumps(settings) + "\n")
     present, rendered, t0 = {}, 0, time.perf_counter()
@@ -580,7 +599,7 @@ def build_emoji_scenes(out: Union[str, Path], art: Union[str, Path, None] = None
                 mask = read_mask(paths[1])
             else:
                 image, mask, parts, _ = render_scene(np.random.default_rng([seed, split_code, i]), size, spec,
-                                                     sprites, context_prob)
+                                                     sprites, context_prob, object_scale, count_weights)
                 save_image(Image.fromarray(image), paths[0], quality=JPEG_QUALITY)
                 save_image(Image.fromarray(parts, mode="L"), paths[2], format="PNG")
                 write_palette_png(paths[1], mask)  # last: its presence marks the image finished

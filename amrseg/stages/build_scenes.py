@@ -13,7 +13,9 @@ SOURCES = ("emoji", "fashion")
 # Defaults per source (None in the config: the source's own).
 DEFAULTS = {"emoji": {"train": 10000, "val": 1000, "size": 192},
             "fashion": {"train": 8000, "val": 1000, "size": 128}}
-_ONLY = {"emoji": {"art": "--art", "context_prob": "--context-prob"}, "fashion": {"fmnist": "--fmnist"}}
+_ONLY = {"emoji": {"art": "--art", "context_prob": "--context-prob", "object_scale": "--object-scale",
+                   "count_weights": "--count-weights"},
+         "fashion": {"fmnist": "--fmnist"}}
 
 
 @dataclass
@@ -27,6 +29,8 @@ class BuildScenesConfig:
     size: Optional[int] = None  # image side in pixels (default by source)
     seed: int = 0
     context_prob: Optional[float] = None  # emoji: mean chance that an object gets its context (0.5)
+    object_scale: Optional[float] = None  # emoji: factor on the objects' size ranges (1.0)
+    count_weights: Optional[list] = None  # emoji: probabilities of 1, 2, 3 objects ([0.5, 0.3, 0.2])
 
     def validate(self) -> None:
         check_choice("source", self.source, SOURCES)
@@ -46,12 +50,15 @@ def run(cfg: BuildScenesConfig, show_progress: Optional[bool] = None) -> dict:
     with progress(total=n["train"] + n["val"], enabled=show_progress, desc=f"build-scenes {cfg.source}",
                   unit="img") as bar:
         if cfg.source == "emoji":
-            from ..data.emoji_scenes import DEFAULT_CONTEXT_PROB, build_emoji_scenes
+            from ..data.emoji_scenes import COUNT_WEIGHTS, DEFAULT_CONTEXT_PROB, build_emoji_scenes
 
             return build_emoji_scenes(cfg.out, art=cfg.art, n_train=n["train"], n_val=n["val"], size=n["size"],
                                       seed=cfg.seed, progress=bar.update,
                                       context_prob=DEFAULT_CONTEXT_PROB if cfg.context_prob is None
-                                      else cfg.context_prob)
+                                      else cfg.context_prob,
+                                      object_scale=1.0 if cfg.object_scale is None else cfg.object_scale,
+                                      count_weights=COUNT_WEIGHTS if cfg.count_weights is None
+                                      else cfg.count_weights)
         from ..data.fashion import build_scenes
 
         return build_scenes(cfg.out, fmnist=cfg.fmnist, n_train=n["train"], n_val=n["val"], size=n["size"],
