@@ -22,6 +22,8 @@ between two presets has to beat.
 
 Usage: python bench/quality.py [--source emoji|fashion] [--out bench/out] [--train N] [--val N] [--epochs 4]
                                [--presets cam,amr-block] [--train-seeds 0,1,2] [--scenes DIR] [--backbone W.pt]
+                               [--heldout DIR]
+`--heldout DIR` adds each run's mIoU on DIR's val scenes, composed unlike the training ones.
 """
 from __future__ import annotations
 
@@ -121,6 +123,9 @@ def main() -> None:
     p.add_argument("--train-seeds", default="0", help="train-cam --seed of each run, comma-separated (default 0)")
     p.add_argument("--scales", default="1.0,0.5,1.5", help="make-cam scales (default 1.0,0.5,1.5)")
     p.add_argument("--set", action="append", default=[], help="extra train-cam --set for every preset")
+    p.add_argument("--heldout", help="also score every run on the val split of these scenes, composed unlike the "
+                                     "training ones (e.g. build-scenes --seed 99 --object-scale 0.8 --count-weights "
+                                     "0.25,0.35,0.4 --context-prob 0.8; default: none)")
     a = p.parse_args()
     recipe_of = RECIPES[a.source]
     out = Path(a.out)
@@ -164,6 +169,15 @@ def main() -> None:
         extra = {**classifier_metrics(run_dir, val), **map_metrics(cams, val, m["threshold"])}
         rows.append((tag, m["threshold"], m["miou"], [m["iou"][n] for n in ["background", *names]], train_s, extra))
         by_preset.setdefault(preset, []).append(m["miou"])
+        if a.heldout:
+            held = Path(a.heldout)
+            held_cams = out / f"cams-{a.source}-{tag}-on-{held.name}"
+            run("make-cam", "--run", run_dir, "--data", held, "--split", "val", "--out", held_cams, "--scales",
+                a.scales)
+            held_json = out / f"metrics-{a.source}-{tag}-on-{held.name}.json"
+            run("eval-cam", "--cams", held_cams, "--data", held, "--split", "val", "--sweep", "0.05:0.70:0.05",
+                "--out", held_json)
+            extra["heldout"] = json.loads(held_json.read_text())["miou"]
         if preset != "cam":
             xi_json = out / f"xi-{a.source}-{tag}.json"
             run("eval-cam", "--cams", cams, "--data", scenes, "--split", "val", "--sweep", "0.05:0.70:0.05",
@@ -179,12 +193,15 @@ def main() -> None:
              f"{recipe_of['crop']}, train scenes x {a.epochs} epochs, lr {lr if lr is not None else 'default'}, "
              f"scales {a.scales} + flip.", "",
              "| preset | best threshold | mIoU | cls mAP | mAP spotlight / compensation | exact set | fg precision "
-             "| fg recall | context as fg | train s |", "|---" * 10 + "|"]
+             "| fg recall | context as fg | train s |" + (f" mIoU on {Path(a.heldout).name} (held out) |" if a.heldout
+                                                          else ""),
+             "|---" * (11 if a.heldout else 10) + "|"]
     for tag, t, miou, _, secs, x in rows:
         secs = "-" if secs is None else f"{secs:.0f}"
         branch_map = pct(x["map_s"]) + ("" if x["map_c"] is None else " / " + pct(x["map_c"]))
         lines.append(f"| {tag} | {t:.2f} | **{pct(miou)}** | {pct(x['map'])} | {branch_map} | {pct(x['exact'])} | "
-                     f"{pct(x['precision'])} | {pct(x['recall'])} | {pct(x['context_fg'])} | {secs} |")
+                     f"{pct(x['precision'])} | {pct(x['recall'])} | {pct(x['context_fg'])} | {secs} |"
+                     + (f" {pct(x['heldout'])} |" if a.heldout else ""))
     lines += ["", "Per-class IoU:", "", "| preset | " + " | ".join(["bg", *names]) + " |",
               "|---" * (len(names) + 2) + "|"]
     for tag, _, _, ious, _, _ in rows:
