@@ -14,6 +14,12 @@ from tqdm import tqdm
 
 from .errors import AmrsegError
 
+# No tqdm monitor thread: the first bar started it just before the stages fork their DataLoader
+# workers, and a fork while a thread is being created can leave the child waiting for ever on
+# CPython's thread-state lock (seen once in ~12 runs of the torchrun test: a make-cam worker hung in
+# PyOS_AfterFork_Child). The monitor only retunes `miniters` of stalled bars.
+tqdm.monitor_interval = 0
+
 
 @dataclass
 class DistInfo:

@@ -78,3 +78,16 @@ def test_torchrun_train_cam_and_make_cam_equal_one_process(tiny_voc, tmp_path, p
     errors = [line for line in r.stderr.splitlines() if line.startswith("amrseg: error:")]
     assert len(errors) == 2 and all("made with other settings" in e and "scales" in e for e in errors), errors
     assert {p.name: p.stat().st_mtime_ns for p in cams2.iterdir()} == before
+
+
+def test_a_progress_bar_starts_no_thread_before_the_dataloader_forks():
+    # A thread being created while a DataLoader forks its workers can hang the child for ever
+    # (CPython's thread-state lock, held at fork, is never released in the child); tqdm's monitor
+    # thread started with the first bar, just before make-cam's workers forked.
+    code = ("import threading\nfrom amrseg.runtime import progress\n"
+            "for enabled in (False, True):\n    list(progress(range(3), enabled=enabled))\n"
+            "print(sorted(t.name for t in threading.enumerate()))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "['MainThread']"
