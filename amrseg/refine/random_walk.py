@@ -21,6 +21,9 @@ import torch.nn.functional as F
 
 from ..models.affinity import boundary_to_affinity, crop_of, search_offsets
 
+IRN_EXP_TIMES = 8  # IRN's 2^8 walk steps, set for VOC's ~500 px images
+IRN_IMAGE_SIDE = 512
+
 _NORMS = ("global", "per_class")
 
 
@@ -111,7 +114,7 @@ def affinity_coo(aff: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> torch
 
 
 def random_walk_sparse(
-    cams: torch.Tensor, aff: torch.Tensor, beta: float = 10.0, exp_times: int = 8
+    cams: torch.Tensor, aff: torch.Tensor, beta: float = 10.0, exp_times: int = IRN_EXP_TIMES
 ) -> torch.Tensor:
     """:func:`random_walk` on a sparse affinity matrix: ``2 ** exp_times`` sparse products.
 
@@ -168,7 +171,7 @@ def random_walk(
     cams: torch.Tensor,
     aff_dense: torch.Tensor,
     beta: float = 10.0,
-    exp_times: int = 8,
+    exp_times: int = IRN_EXP_TIMES,
     squaring: bool | None = None,
 ) -> torch.Tensor:
     """Propagates each map by ``2 ** exp_times`` steps of the random walk.
@@ -214,10 +217,6 @@ def random_walk(
     return x.reshape(c, h, w)
 
 
-IRN_EXP_TIMES = 8  # IRN's 2^8 steps, set for VOC's ~500 px images
-IRN_IMAGE_SIDE = 512
-
-
 def suggested_exp_times(side: float) -> int:
     """The walk's `exp_times` that gives images of `side` px the reach IRN's 2^8 steps give 512 px.
 
@@ -236,7 +235,7 @@ def walk(
     boundary: torch.Tensor,
     radius: int = 5,
     beta: float = 10.0,
-    exp_times: int = 8,
+    exp_times: int = IRN_EXP_TIMES,
     cam_power: float = 1.0,
     sparse: bool = True,
 ) -> torch.Tensor:

@@ -50,15 +50,13 @@ def run(cfg: BuildScenesConfig, show_progress: Optional[bool] = None) -> dict:
     with progress(total=n["train"] + n["val"], enabled=show_progress, desc=f"build-scenes {cfg.source}",
                   unit="img") as bar:
         if cfg.source == "emoji":
-            from ..data.emoji_scenes import COUNT_WEIGHTS, DEFAULT_CONTEXT_PROB, build_emoji_scenes
+            from ..data.emoji_scenes import build_emoji_scenes
 
+            # the composition knobs given; the others keep build_emoji_scenes' defaults
+            knobs = {k: getattr(cfg, k) for k in ("context_prob", "object_scale", "count_weights")
+                     if getattr(cfg, k) is not None}
             return build_emoji_scenes(cfg.out, art=cfg.art, n_train=n["train"], n_val=n["val"], size=n["size"],
-                                      seed=cfg.seed, progress=bar.update,
-                                      context_prob=DEFAULT_CONTEXT_PROB if cfg.context_prob is None
-                                      else cfg.context_prob,
-                                      object_scale=1.0 if cfg.object_scale is None else cfg.object_scale,
-                                      count_weights=COUNT_WEIGHTS if cfg.count_weights is None
-                                      else cfg.count_weights)
+                                      seed=cfg.seed, progress=bar.update, **knobs)
         from ..data.fashion import build_scenes
 
         return build_scenes(cfg.out, fmnist=cfg.fmnist, n_train=n["train"], n_val=n["val"], size=n["size"],

@@ -87,7 +87,7 @@ class WalkOptions:
     cam_power: float  # CAMs raised to this power before the walk
     radius: int = 5  # affinity radius at stride 4
     beta: float = 10.0  # affinity exponent
-    exp_times: int = 8  # the walk takes 2^exp_times steps
+    exp_times: int = IRN_EXP_TIMES  # the walk takes 2^exp_times steps
     bg_threshold: float = 0.25  # the background plane of the walked maps
     device: str = "auto"
 
@@ -262,9 +262,9 @@ def _claim(out: Path, cfg: PseudoLabelConfig, data: SegData, settings: dict) -> 
 
 
 def _walk_reach_warning(data: SegData, exp_times: int) -> list[str]:
-    """A warning when the default walk length does not suit the images' size (their median long
-    side, from up to 25 images' headers)."""
-    if exp_times != IRN_EXP_TIMES or not len(data):
+    """A warning when the default walk length `exp_times` does not suit the images' size (their
+    median long side, from up to 25 images' headers)."""
+    if not len(data):
         return []
     step = max(1, len(data) // 25)
     side = float(np.median([max(image_size(data.image_path(i))) for i in range(0, len(data), step)]))
