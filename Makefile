@@ -18,6 +18,8 @@ test: setup
 demo: setup
 	$(PYTHON) -m amrseg run demo --out $(DEMO_DIR) $(if $(PRESET),--set preset=$(PRESET))
 
+# The README's figures: the full emoji benchmark (10,000 scenes, five presets) takes hours on a 2-core
+# CPU; `python bench/quality.py --help` for a smaller run (--train, --presets).
 bench: setup
 	$(PYTHON) bench/quality.py
 	$(PYTHON) bench/speed.py
